@@ -1,0 +1,394 @@
+"""Typed configuration for MeSH recursive transformers.
+
+One place owns every model decision:
+  * `Layout`       - the recursion shape `P+CrK+Q` (prelude, shared core run K times, coda);
+  * `ModelConfig`  - width, layout, state-passing variant, MeSH slots, init switches;
+  * `ParallelConfig` - tensor / pipeline model-parallel sizes;
+  * `validate()`   - rejects a bad combination with one message naming the field and the fix;
+  * `preset()`     - the paper's Pythia shapes by name (docs/MESH_METHOD.md section 4);
+  * `to_transformer_config()` - the single conversion to megatron-core's TransformerConfig.
+
+Model code reads fields from these objects; it never re-parses strings or flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+# --------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------
+
+# Additive state passing: h_{t+1} = core(h_t) + sum of these supplements.
+#   "h_t"   the state entering this iteration (residual), "h0" the loop's input (anchor),
+#   "h_emb" the scaled token embeddings (anchor_emb, the paper's anchor*).
+ADDITIVE_SUPPLEMENTS: dict[str, tuple[str, ...]] = {
+    "base": (),
+    "residual": ("h_t",),
+    "anchor": ("h0",),
+    "anchor_emb": ("h_emb",),
+    "residual+anchor": ("h_t", "h0"),
+    "anchor+anchor_emb": ("h0", "h_emb"),
+}
+MESH_VARIANTS = ("mesh", "vanilla+mesh")
+# `learned`: h_{t+1} = a1 * core(h_t) + a2 * h0 + a3 * h_emb, (a1, a2, a3) learned per loop step.
+VARIANTS = ("vanilla", *ADDITIVE_SUPPLEMENTS, "learned", *MESH_VARIANTS)
+
+
+# --------------------------------------------------------------------------------------
+# Layout: P+CrK+Q
+# --------------------------------------------------------------------------------------
+
+_LAYOUT_RE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*[rR]\s*(\d+)\s*\+\s*(\d+)\s*$")
+_PLAIN_RE = re.compile(r"^\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Prelude layers, core layers, loop count and coda layers of a recursive model."""
+
+    prelude: int
+    core: int
+    loops: int
+    coda: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        """`"4+8R2+4"` -> Layout(4, 8, 2, 4); a plain `"24"` is a 24-layer stack (no loop)."""
+        text = str(text)
+        m = _LAYOUT_RE.match(text)
+        if m:
+            return cls(*(int(g) for g in m.groups()))
+        m = _PLAIN_RE.match(text)
+        if m:
+            return cls(prelude=int(m.group(1)), core=0, loops=0, coda=0)
+        raise ConfigError(
+            f"layout {text!r} is malformed: write P+CrK+Q (e.g. '4+8R2+4': 4 prelude layers, "
+            "an 8-layer core looped 2 times, 4 coda layers) or a plain layer count for vanilla"
+        )
+
+    @property
+    def is_looped(self) -> bool:
+        return self.core > 0 and self.loops > 0
+
+    @property
+    def compute_depth(self) -> int:
+        """Layers applied per forward pass: P + C*K + Q."""
+        return self.prelude + self.core * self.loops + self.coda
+
+    def __str__(self) -> str:
+        if not self.is_looped:
+            return str(self.prelude)
+        return f"{self.prelude}+{self.core}R{self.loops}+{self.coda}"
+
+
+# --------------------------------------------------------------------------------------
+# Model and parallel configs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Everything that shapes the network. Defaults are the `tiny` debug flavor."""
+
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: Optional[int] = None  # None -> 4 * hidden_size (GPT-NeoX)
+    layout: str = "1+2R2+1"
+    variant: str = "mesh"
+    # MeSH buffer slots B; None -> K + 3 for mesh variants (the paper's best).
+    mesh_slots: Optional[int] = None
+    vocab_size: int = 4096  # tokenizer vocabulary; padded below
+    make_vocab_size_divisible_by: int = 128
+    seq_length: int = 128  # longest sequence the model is trained on
+    # Paper details (docs/MESH_METHOD.md section 1), on for every preset variant.
+    scale_embeddings: bool = True  # h_emb = embedding * sqrt(hidden)
+    depth_scaled_init: bool = True  # output projections std / sqrt(2 * compute_depth)
+    init_std: Optional[float] = None  # None -> GPT-NeoX small init sqrt(2 / (5 * hidden))
+    layernorm_epsilon: float = 1e-5
+    rotary_percent: float = 0.25
+    rotary_base: int = 10000
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # Initial (a1, a2, a3) of the `learned` variant; (1, 1, 0) starts it as `anchor`.
+    learned_scalar_init: tuple[float, float, float] = (1.0, 1.0, 0.0)
+
+    # ---- derived views (never stored twice) ----
+    @property
+    def parsed_layout(self) -> Layout:
+        return Layout.parse(self.layout)
+
+    @property
+    def core_shared(self) -> bool:
+        """True when one set of core weights runs K times; vanilla and vanilla+mesh unroll."""
+        return self.variant not in ("vanilla", "vanilla+mesh")
+
+    @property
+    def is_mesh(self) -> bool:
+        return self.variant in MESH_VARIANTS
+
+    @property
+    def slots(self) -> int:
+        """MeSH buffer slots B (0 for variants without a buffer)."""
+        if not self.is_mesh:
+            return 0
+        return self.mesh_slots if self.mesh_slots is not None else self.parsed_layout.loops + 3
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def weight_init_std(self) -> float:
+        return self.init_std if self.init_std is not None else math.sqrt(2.0 / (5 * self.hidden_size))
+
+    @property
+    def output_proj_init_std(self) -> float:
+        """Std of attention dense and MLP down-projection (scaled by compute depth)."""
+        if not self.depth_scaled_init:
+            return self.weight_init_std
+        return self.weight_init_std / math.sqrt(2.0 * self.compute_depth)
+
+    @property
+    def compute_depth(self) -> int:
+        return self.parsed_layout.compute_depth
+
+    @property
+    def unique_depth(self) -> int:
+        layout = self.parsed_layout
+        if self.core_shared:
+            return layout.prelude + layout.core + layout.coda
+        return layout.compute_depth
+
+    @property
+    def embedding_multiplier(self) -> float:
+        return math.sqrt(self.hidden_size) if self.scale_embeddings else 1.0
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        """Megatron's padding: up to a multiple of divisible_by * TP."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+
+# --------------------------------------------------------------------------------------
+# validate(): the one place that rejects bad configs
+# --------------------------------------------------------------------------------------
+
+
+def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
+             world_size: Optional[int] = None) -> None:
+    """Raise ConfigError naming the first bad field and how to fix it."""
+    parallel = parallel or ParallelConfig()
+    if model.variant not in VARIANTS:
+        raise ConfigError(f"variant {model.variant!r} is unknown: choose one of {', '.join(VARIANTS)}")
+    layout = Layout.parse(model.layout)  # raises on a malformed string
+    if model.hidden_size <= 0 or model.num_attention_heads <= 0:
+        raise ConfigError("hidden_size and num_attention_heads must be positive")
+    if model.hidden_size % model.num_attention_heads:
+        raise ConfigError(
+            f"num_attention_heads={model.num_attention_heads} does not divide hidden_size="
+            f"{model.hidden_size}: pick a head count that divides the width"
+        )
+    rot = model.head_dim * model.rotary_percent
+    if not 0 < model.rotary_percent <= 1 or rot != int(rot) or int(rot) % 2:
+        raise ConfigError(
+            f"rotary_percent={model.rotary_percent} of head_dim={model.head_dim} gives {rot} "
+            "rotary dims: it must be a positive even integer"
+        )
+    if model.variant == "vanilla":
+        if model.mesh_slots is not None:
+            raise ConfigError(
+                "mesh_slots is set but variant is 'vanilla': MeSH options need variant "
+                "'mesh' (looped) or 'vanilla+mesh' (buffer between distinct blocks)"
+            )
+        if layout.compute_depth <= 0:
+            raise ConfigError("layout has no layers: give a positive layer count, e.g. '12'")
+    else:
+        if not layout.is_looped:
+            raise ConfigError(
+                f"variant {model.variant!r} needs a looped layout P+CrK+Q with C >= 1 and K >= 1, "
+                f"got {model.layout!r}; use variant 'vanilla' for a plain stack"
+            )
+        if not model.is_mesh and model.mesh_slots is not None:
+            raise ConfigError(
+                f"mesh_slots is set but variant {model.variant!r} has no MeSH buffer: "
+                "drop mesh_slots or use variant 'mesh'"
+            )
+        if model.is_mesh and model.slots < 2:
+            raise ConfigError(
+                f"mesh_slots={model.slots} is too small: the buffer needs at least 2 slots "
+                "(slot 0 holds the embeddings); the paper's default is K + 3"
+            )
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(model, name) < 1.0:
+            raise ConfigError(f"{name}={getattr(model, name)} must be in [0, 1)")
+    if model.vocab_size <= 0 or model.seq_length <= 0:
+        raise ConfigError("vocab_size and seq_length must be positive")
+
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ConfigError("tensor/pipeline model-parallel sizes must be >= 1")
+    if model.num_attention_heads % tp:
+        raise ConfigError(
+            f"tensor_model_parallel_size={tp} does not divide num_attention_heads="
+            f"{model.num_attention_heads}: choose a TP size that divides the head count"
+        )
+    if model.ffn_size % tp:
+        raise ConfigError(f"tensor_model_parallel_size={tp} does not divide ffn_hidden_size={model.ffn_size}")
+    if world_size is not None and world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of tensor x pipeline parallel "
+            f"({tp} x {pp}): launch a multiple of {tp * pp} processes or lower TP/PP"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Presets (docs/MESH_METHOD.md section 4)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden_size: int
+    num_attention_heads: int
+    vanilla_layers: int
+    layouts: tuple[str, ...]  # recursive layouts, first is the default
+    vocab_size: int
+    seq_length: int
+
+
+PRESETS: dict[str, Preset] = {
+    # Debug flavor: one training step on CPU in well under a second.
+    "tiny": Preset(64, 4, 6, ("1+2R2+1",), vocab_size=4096, seq_length=128),
+    # Pythia shapes; GPT-NeoX tokenizer (50,257 -> padded 50,304), paper's sequence 4096.
+    "pythia-160m": Preset(768, 12, 12, ("2+4R2+2",), vocab_size=50257, seq_length=4096),
+    "pythia-410m": Preset(1024, 16, 24, ("4+8R2+4", "3+6R3+3"), vocab_size=50257, seq_length=4096),
+    "pythia-1b": Preset(2048, 8, 16, ("3+5R2+3",), vocab_size=50257, seq_length=4096),
+    "pythia-1.4b": Preset(2048, 16, 24, ("4+8R2+4",), vocab_size=50257, seq_length=4096),
+}
+
+
+def preset(name: str, variant: str = "mesh", layout: Optional[str] = None, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a named preset and variant.
+
+    `layout` picks one of the preset's recursive layouts (e.g. pythia-410m '3+6R3+3');
+    vanilla gets the preset's plain layer count unless a layout is given, in which case
+    P+CrK+Q is unrolled into P + C*K + Q distinct layers.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"preset {name!r} is unknown: choose one of {', '.join(PRESETS)}")
+    if variant not in VARIANTS:
+        raise ConfigError(f"variant {variant!r} is unknown: choose one of {', '.join(VARIANTS)}")
+    p = PRESETS[name]
+    if layout is None:
+        layout = str(p.vanilla_layers) if variant == "vanilla" else p.layouts[0]
+    elif variant == "vanilla":
+        layout = str(Layout.parse(layout).compute_depth)
+    cfg = ModelConfig(
+        hidden_size=p.hidden_size,
+        num_attention_heads=p.num_attention_heads,
+        layout=layout,
+        variant=variant,
+        vocab_size=p.vocab_size,
+        seq_length=p.seq_length,
+    )
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def load_model_config(path: str, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a YAML file: either `preset: NAME` plus overrides, or every field."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of ModelConfig fields, got {type(data).__name__}")
+    data = dict(data.get("model", data))
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(data) - known - {"preset"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown model fields {sorted(unknown)}; known: {sorted(known)}")
+    name = data.pop("preset", None)
+    if name is not None:
+        variant = data.pop("variant", "mesh")
+        layout = data.pop("layout", None)
+        return preset(name, variant, layout, **data)
+    if "learned_scalar_init" in data:
+        data["learned_scalar_init"] = tuple(data["learned_scalar_init"])
+    return ModelConfig(**data)
+
+
+# --------------------------------------------------------------------------------------
+# megatron-core TransformerConfig: the one conversion
+# --------------------------------------------------------------------------------------
+
+
+def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
+                          params_dtype: torch.dtype = torch.float32,
+                          perform_initialization: bool = True):
+    """megatron-core's TransformerConfig for the GPT-NeoX layer of this model.
+
+    num_layers is the *compute* depth: megatron uses it only for init scaling and
+    bookkeeping, and the paper scales output projections by compute depth.
+    Fusions that need CUDA kernels are off unless a GPU is present.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.utils import init_method_normal
+
+    parallel = parallel or ParallelConfig()
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.compute_depth,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_size,
+        kv_channels=model.head_dim,
+        normalization="LayerNorm",
+        layernorm_epsilon=model.layernorm_epsilon,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=torch.nn.functional.gelu,  # exact GELU, as GPT-NeoX
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method=init_method_normal(model.weight_init_std),
+        output_layer_init_method=init_method_normal(model.output_proj_init_std),
+        init_method_std=model.weight_init_std,
+        # The full weight is drawn on CPU then split, so every TP size starts identical.
+        use_cpu_initialization=True,
+        perform_initialization=perform_initialization,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        sequence_parallel=False,
+        # megatron's fused bias-GELU is the tanh approximation: keep it off for exactness.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )

@@ -1,0 +1,129 @@
+"""Hugging Face config of an exported MeSH recursive GPT-NeoX model (arXiv 2510.07739).
+
+The layout is `P+CrK+Q`: P unshared prelude layers, a core block of C layers run K times, Q unshared coda
+layers (docs/MESH_METHOD.md section 1). `state_passing` selects how the state travels between loop steps
+(section 2) and `mesh_slots` sizes the MeSH buffer (section 3).
+
+This file is copied next to exported weights and loaded with `trust_remote_code=True`, so it imports
+nothing from mesh_megatron.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PretrainedConfig
+
+# every recurrence modeling_mesh.py implements; see MeshGPTNeoXModel._next_state for the formulas
+STATE_PASSING_VARIANTS = (
+    "base",
+    "residual",
+    "anchor",
+    "anchor_emb",
+    "mesh",
+    "residual+anchor",
+    "anchor+anchor_emb",
+    "learned",
+    "vanilla+mesh",
+)
+MESH_VARIANTS = ("mesh", "vanilla+mesh")
+
+
+@strict
+class MeshGPTNeoXConfig(PretrainedConfig):
+    r"""
+    GPT-NeoX (Pythia) backbone fields, under GPT-NeoX's own names:
+        vocab_size: rows of embed_in / embed_out, already padded (e.g. 50304 for the GPT-NeoX tokenizer).
+        hidden_size, num_attention_heads, intermediate_size: widths; head_dim = hidden_size // num_attention_heads.
+        hidden_act: MLP activation, a key of transformers' ACT2FN ("gelu" is the exact erf GELU).
+        rotary_pct: fraction of each head's dims that get rotary embeddings (non-interleaved, rotate_half).
+        rotary_emb_base: rotary base theta.
+        max_position_embeddings: longest sequence the model was trained for (informational, rotary has no table).
+        layer_norm_eps: epsilon of every LayerNorm.
+        use_parallel_residual: x + attn(ln1(x)) + mlp(ln2(x)) if True (Pythia), else sequential residuals.
+        initializer_range: std of the normal init of linears and embeddings in `_init_weights`.
+        tie_word_embeddings: share embed_in and embed_out (False for Pythia and the paper).
+        attention_bias: biases on query_key_value and dense.
+
+    Recursion fields:
+        num_prelude_layers (P), num_core_layers (C), num_loops (K), num_coda_layers (Q).
+        core_shared: True for looped variants (one core block applied K times); False for "vanilla+mesh",
+            whose K core blocks are distinct layers.
+        state_passing: one of STATE_PASSING_VARIANTS.
+        mesh_slots (B): MeSH buffer slots, used by "mesh" and "vanilla+mesh"; None means the paper's K + 3.
+        embedding_multiplier: the input embeddings are multiplied by it, sqrt(hidden_size) when the paper's
+            embedding scaling is on, 1.0 when off.
+        num_hidden_layers: number of UNIQUE layers (weights under gpt_neox.layers.*): P + C + Q if core_shared
+            else P + C*K + Q. Derived when None; checked when given. The forward pass executes
+            P + C*K + Q layer applications in both cases (`num_layer_applications`).
+    """
+
+    model_type = "mesh_gpt_neox"
+
+    # GPT-NeoX backbone
+    vocab_size: int = 50304
+    hidden_size: int = 2048
+    num_attention_heads: int = 16
+    intermediate_size: int = 8192
+    hidden_act: str = "gelu"
+    rotary_pct: float = 0.25
+    rotary_emb_base: int | float = 10000
+    max_position_embeddings: int = 2048
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True
+    use_cache: bool = True
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 0
+    pad_token_id: int | None = None
+
+    # recursion (defaults: the 1.4B 4+8R2+4 MeSH preset)
+    num_prelude_layers: int = 4
+    num_core_layers: int = 8
+    num_loops: int = 2
+    num_coda_layers: int = 4
+    core_shared: bool = True
+    state_passing: str = "mesh"
+    mesh_slots: int | None = None
+    embedding_multiplier: float | int = 1.0
+    num_hidden_layers: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.mesh_slots is None:
+            self.mesh_slots = self.num_loops + 3  # paper default B = K + 3
+        if self.num_hidden_layers is None:
+            self.num_hidden_layers = self.num_unique_layers
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_unique_layers(self) -> int:
+        core = self.num_core_layers if self.core_shared else self.num_core_layers * self.num_loops
+        return self.num_prelude_layers + core + self.num_coda_layers
+
+    @property
+    def num_layer_applications(self) -> int:
+        """Compute depth P + C*K + Q: layers executed per token, and KV-cache entries."""
+        return self.num_prelude_layers + self.num_core_layers * self.num_loops + self.num_coda_layers
+
+    def validate_architecture(self):
+        """Called by @strict after __init__: reject configs the model cannot run."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
+        rotary_ndims = int(self.hidden_size // self.num_attention_heads * self.rotary_pct)
+        if not 0 < self.rotary_pct <= 1 or rotary_ndims % 2 != 0:
+            raise ValueError(f"rotary_pct {self.rotary_pct} must give an even number (> 0) of rotary dims per head")
+        if self.state_passing not in STATE_PASSING_VARIANTS:
+            raise ValueError(f"state_passing {self.state_passing!r} not in {STATE_PASSING_VARIANTS}")
+        if self.core_shared != (self.state_passing != "vanilla+mesh"):
+            raise ValueError("core_shared must be False for state_passing='vanilla+mesh' and True otherwise")
+        if min(self.num_prelude_layers, self.num_coda_layers) < 0 or min(self.num_core_layers, self.num_loops) < 1:
+            raise ValueError("need num_prelude_layers, num_coda_layers >= 0 and num_core_layers, num_loops >= 1")
+        if self.mesh_slots < 1:
+            raise ValueError(f"mesh_slots must be >= 1, got {self.mesh_slots}")
+        if self.num_hidden_layers != self.num_unique_layers:
+            raise ValueError(
+                f"num_hidden_layers {self.num_hidden_layers} != unique layers {self.num_unique_layers} "
+                f"(P + C + Q if core_shared else P + C*K + Q)"
+            )
+
+
+MeshGPTNeoXConfig.register_for_auto_class()  # save_pretrained writes auto_map["AutoConfig"] and copies this file

@@ -1,0 +1,89 @@
+"""The few CUDA assumptions megatron-core 0.16 makes, patched for CPU-only machines.
+
+`apply()` is a no-op when a GPU is present. Each patch says why it is needed; nothing else
+in the project patches third-party code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+_APPLIED = False
+
+
+class CpuRNGStatesTracker:
+    """megatron's CudaRNGStatesTracker on the CPU generator.
+
+    Why: the tracker forks *CUDA* RNG streams (dropout inside tensor-parallel regions,
+    GPU weight init); without CUDA every call to torch.cuda.get_rng_state raises.
+    Same interface: add / fork / get_states / set_states / reset / is_initialized.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def reset(self):
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+@functools.lru_cache(maxsize=32)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """[sq, sq] bool, True above the diagonal (masked), as megatron's CUDA version."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def apply() -> None:
+    """Install the CPU shims once, only when CUDA is unavailable."""
+    global _APPLIED
+    if _APPLIED or torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # RNG tracker: megatron's forks CUDA generator states (see CpuRNGStatesTracker).
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # RotaryEmbedding.get_emb moves its table to torch.cuda.current_device(): answer "cpu".
+    torch.cuda.current_device = lambda: "cpu"
+    # The local attention builds its causal mask with device="cuda"; build it on CPU.
+    from megatron.core.fusions import fused_softmax
+
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    # Schedules and timers call torch.cuda.synchronize(); there is nothing to wait for on CPU.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    _APPLIED = True

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Print parameter counts, depths and training FLOPs per token of a MeSH model.
+
+The model is built on the meta device: no weight memory, so pythia-1.4b costs nothing.
+
+  python tools/model_summary.py --preset pythia-1.4b --variant mesh
+  python tools/model_summary.py --preset pythia-410m --variant base --layout 3+6R3+3 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from mesh_megatron.config import PRESETS, VARIANTS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help=f"model shape: one of {', '.join(PRESETS)}")
+    p.add_argument("--variant", default="mesh", help=f"state passing: one of {', '.join(VARIANTS)}")
+    p.add_argument("--layout", default=None,
+                   help="recursion layout P+CrK+Q (e.g. 3+6R3+3); default: the preset's first")
+    p.add_argument("--config", default=None,
+                   help="YAML model config (fields of ModelConfig, or 'preset:' plus overrides); "
+                        "overrides --preset/--variant/--layout")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="sequence length for the attention FLOPs term (default: the preset's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p.parse_args(argv)
+
+
+def summarize(args: argparse.Namespace) -> dict:
+    from mesh_megatron.config import load_model_config, preset, to_transformer_config, validate
+    from mesh_megatron.model import MeshGPTModel
+    from mesh_megatron.model.accounting import ParameterCounts, training_flops_per_token
+    from mesh_megatron.parallel.initialize import initialize_distributed
+    from mesh_megatron.config import ParallelConfig
+
+    if args.config:
+        cfg = load_model_config(args.config)
+    else:
+        cfg = preset(args.preset, args.variant, args.layout)
+    validate(cfg)
+    initialize_distributed(ParallelConfig())
+    with torch.device("meta"):
+        model = MeshGPTModel(cfg, to_transformer_config(cfg, perform_initialization=False))
+    counts = ParameterCounts.of(model)
+    return {
+        **counts.as_dict(),
+        "compute_depth": cfg.compute_depth,
+        "unique_depth": cfg.unique_depth,
+        "flops_per_token": training_flops_per_token(cfg, args.seq_length),
+        # Context for the table (not part of the fixed JSON keys' meaning).
+        "layout": str(cfg.parsed_layout),
+        "variant": cfg.variant,
+        "mesh_slots": cfg.slots,
+        "hidden_size": cfg.hidden_size,
+        "padded_vocab_size": cfg.padded_vocab_size(),
+        "seq_length": args.seq_length or cfg.seq_length,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mesh_megatron.config import ConfigError
+
+    try:
+        summary = summarize(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    rows = [
+        ("variant", summary["variant"]), ("layout", summary["layout"]),
+        ("mesh slots", summary["mesh_slots"]), ("hidden", summary["hidden_size"]),
+        ("padded vocab", summary["padded_vocab_size"]),
+        ("total params", f"{summary['total']:,}"), ("embedding params", f"{summary['embedding']:,}"),
+        ("non-embedding params", f"{summary['non_embedding']:,}"),
+        ("router params", f"{summary['router']:,}"),
+        ("compute depth", summary["compute_depth"]), ("unique depth", summary["unique_depth"]),
+        (f"train FLOPs/token (seq {summary['seq_length']})", f"{summary['flops_per_token']:,}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
