@@ -1,0 +1,51 @@
+"""One rank of the TP equivalence test: TP = world size, weights split from one full model.
+
+world 1 writes the full model's state dict; world 2 loads and splits it. Every rank
+runs forward/backward on the same tokens; rank 0 saves logits, loss and full gradients.
+"""
+
+import os
+import sys
+
+import torch
+
+from mesh_megatron.checkpoint.tensor_parallel import gather_state, gather_tensor, shard_state_dict
+from mesh_megatron.config import ParallelConfig, preset, to_transformer_config, validate
+from mesh_megatron.model import MeshGPTModel
+from mesh_megatron.parallel.initialize import destroy, initialize_distributed, set_seed
+
+
+def main(variant: str, out_dir: str) -> None:
+    world = int(os.environ["WORLD_SIZE"])
+    parallel = ParallelConfig(tensor_model_parallel_size=world)
+    cfg = preset("tiny", variant, seq_length=32)
+    validate(cfg, parallel, world)
+    initialize_distributed(parallel)
+    set_seed(1234)
+    from megatron.core import parallel_state
+
+    model = MeshGPTModel(cfg, to_transformer_config(cfg, parallel))
+    full_path = os.path.join(out_dir, f"full_{variant}.pt")
+    if world == 1:
+        torch.save(model.state_dict(), full_path)
+    else:
+        full = torch.load(full_path)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        model.load_state_dict(shard_state_dict(full, model, tp_rank, world), strict=True)
+
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(7))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    with torch.no_grad():
+        logits = gather_tensor(model(inputs), dim=-1, group=tp_group)  # [b, s, v]
+    loss = model(inputs, labels=labels).mean()
+    loss.backward()
+    grads = gather_state({n: p.grad for n, p in model.named_parameters()}, model, tp_group)
+    if torch.distributed.get_rank() == 0:
+        torch.save({"logits": logits, "loss": loss.detach(), "grads": grads},
+                   os.path.join(out_dir, f"result_{variant}_tp{world}.pt"))
+    destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
