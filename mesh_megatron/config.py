@@ -392,3 +392,88 @@ def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig]
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Training, data and logging
+# --------------------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimizer, schedule, batch and checkpoint settings (Megatron flag names)."""
+
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    train_iters: int = 300
+    lr: float = 3e-3
+    min_lr: float = 3e-4  # cosine decays to this (the paper: 10% of peak)
+    lr_warmup_fraction: float = 0.01
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "fp32"
+    seed: int = 1234
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None  # None: save only at the end (when --save is given)
+    keep_last: int = 2  # checkpoints kept on disk; older ones are deleted after a save
+    eval_interval: int = 50
+    eval_iters: int = 4
+    log_interval: int = 10
+    nan_policy: str = "stop"  # "stop": exit with a message; "skip": drop the step and go on
+    sample_tokens: int = 48  # greedy sample printed at the end (0: none)
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. No data_path: the embedded corpus shipped in the package."""
+
+    data_path: list[str] = field(default_factory=list)  # "[w1] prefix1 [w2] prefix2 ..."
+    split: str = "969,30,1"
+    tokenizer_type: Optional[str] = None  # "sentencepiece" | "hf"
+    tokenizer_model: Optional[str] = None
+    cache_dir: Optional[str] = None  # dataset index cache (default ~/.cache/mesh_megatron)
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_mode: str = "offline"  # "online" only when asked
+    wandb_dir: Optional[str] = None
+
+
+def validate_training(train: TrainingConfig, data_parallel_size: int) -> None:
+    """Batch arithmetic and recipe sanity: global = micro x grad-accum x data-parallel."""
+    if train.precision not in PRECISIONS:
+        raise ConfigError(f"precision {train.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
+    if train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use --bf16 or fp32")
+    if train.micro_batch_size < 1 or train.global_batch_size < 1:
+        raise ConfigError("--micro-batch-size and --global-batch-size must be >= 1")
+    per_step = train.micro_batch_size * data_parallel_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"--global-batch-size {train.global_batch_size} is not a multiple of micro-batch "
+            f"{train.micro_batch_size} x data-parallel {data_parallel_size} = {per_step}: "
+            "global = micro x grad-accum x data-parallel"
+        )
+    if train.train_iters < 1:
+        raise ConfigError("--train-iters must be >= 1")
+    if not 0 <= train.lr_warmup_fraction < 1:
+        raise ConfigError("--lr-warmup-fraction must be in [0, 1)")
+    if train.min_lr > train.lr:
+        raise ConfigError(f"--min-lr {train.min_lr} is above --lr {train.lr}")
+    if train.nan_policy not in ("stop", "skip"):
+        raise ConfigError(f"--nan-policy {train.nan_policy!r}: choose 'stop' or 'skip'")
+    if train.keep_last < 1:
+        raise ConfigError("--keep-last must be >= 1")
+
+
+def gradient_accumulation_steps(train: TrainingConfig, data_parallel_size: int) -> int:
+    return train.global_batch_size // (train.micro_batch_size * data_parallel_size)

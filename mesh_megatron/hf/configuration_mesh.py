@@ -117,8 +117,8 @@ class MeshGPTNeoXConfig(PretrainedConfig):
             raise ValueError("core_shared must be False for state_passing='vanilla+mesh' and True otherwise")
         if min(self.num_prelude_layers, self.num_coda_layers) < 0 or min(self.num_core_layers, self.num_loops) < 1:
             raise ValueError("need num_prelude_layers, num_coda_layers >= 0 and num_core_layers, num_loops >= 1")
-        if self.mesh_slots < 1:
-            raise ValueError(f"mesh_slots must be >= 1, got {self.mesh_slots}")
+        if self.state_passing in MESH_VARIANTS and self.mesh_slots < 2:
+            raise ValueError(f"mesh_slots must be >= 2 (slot 0 holds h_emb), got {self.mesh_slots}")
         if self.num_hidden_layers != self.num_unique_layers:
             raise ValueError(
                 f"num_hidden_layers {self.num_hidden_layers} != unique layers {self.num_unique_layers} "

@@ -28,6 +28,8 @@ def initialize_distributed(parallel: ParallelConfig, timeout_minutes: int = 10) 
     cpu_shims.apply()
     from megatron.core import parallel_state
 
+    # DeepSpeed reads LOCAL_RANK; a plain `python pretrain_mesh.py` has none: it is rank 0.
+    os.environ.setdefault("LOCAL_RANK", "0")
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))

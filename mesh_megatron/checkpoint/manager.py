@@ -1,0 +1,116 @@
+"""Save and resume through the DeepSpeed engine, atomically, keeping the last K.
+
+Layout of a save directory:
+
+    SAVE/iter_0000010/          DeepSpeed's files (model states per TP rank, ZeRO shards)
+    SAVE/iter_0000010/mesh_config.json   the model config, written last inside the tag
+    SAVE/latest                 the tag of the newest *complete* checkpoint
+
+A save writes its tag directory, then (rank 0) replaces `latest` with an atomic rename.
+A crash before the rename leaves `latest` on the previous, complete checkpoint; the
+half-written directory is removed by the next save or resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+from mesh_megatron.config import ConfigError, ModelConfig
+
+LATEST = "latest"
+CONFIG_FILE = "mesh_config.json"
+_TAG_RE = re.compile(r"^iter_(\d{7})$")
+# Test hook: "kill_during_save" SIGKILLs this process after DeepSpeed wrote the tag's
+# files and before `latest` moves, i.e. in the middle of a checkpoint.
+FAULT_ENV = "MESH_MEGATRON_FAULT"
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_latest(load_dir: str) -> str:
+    """The tag `latest` points at; a clear error if there is no complete checkpoint."""
+    if not os.path.isdir(load_dir):
+        raise ConfigError(f"--load {load_dir}: no such directory; pass a directory written by --save")
+    path = os.path.join(load_dir, LATEST)
+    if not os.path.exists(path):
+        raise ConfigError(f"--load {load_dir} holds no checkpoint (no '{LATEST}' file): "
+                          "point it at a directory written by --save, or drop --load to start fresh")
+    tag = open(path).read().strip()
+    if not os.path.isfile(os.path.join(load_dir, tag, CONFIG_FILE)):
+        raise ConfigError(f"--load {load_dir}: '{LATEST}' names {tag!r}, which is incomplete or missing")
+    return tag
+
+
+def check_model_config(load_dir: str, tag: str, model: ModelConfig) -> None:
+    """Refuse a checkpoint of another model before any weight is read."""
+    with open(os.path.join(load_dir, tag, CONFIG_FILE)) as f:
+        saved = json.load(f)["model"]
+    ours = json.loads(json.dumps(dataclasses.asdict(model)))
+    diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+    if diff:
+        fields = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(f"--load {load_dir}/{tag} is from a different model config ({fields}); "
+                          "pass the same --preset/--variant/--layout/--config as the run that saved it")
+
+
+class CheckpointManager:
+    def __init__(self, save_dir: Optional[str], keep_last: int):
+        self.save_dir = save_dir
+        self.keep_last = keep_last
+
+    def _tags(self) -> list[str]:
+        return sorted(t for t in os.listdir(self.save_dir) if _TAG_RE.match(t))
+
+    def _remove_incomplete(self) -> None:
+        """Rank 0: delete tag directories newer than `latest` (left by a crashed save)."""
+        latest_path = os.path.join(self.save_dir, LATEST)
+        latest = open(latest_path).read().strip() if os.path.exists(latest_path) else ""
+        for tag in self._tags():
+            if tag > latest or not os.path.exists(os.path.join(self.save_dir, tag, CONFIG_FILE)):
+                shutil.rmtree(os.path.join(self.save_dir, tag), ignore_errors=True)
+
+    def save(self, engine, iteration: int, model: ModelConfig, client_state: dict[str, Any]) -> str:
+        tag = tag_for(iteration)
+        rank0 = dist.get_rank() == 0
+        if rank0:
+            os.makedirs(self.save_dir, exist_ok=True)
+            self._remove_incomplete()
+        dist.barrier()
+        engine.save_checkpoint(self.save_dir, tag=tag, client_state=client_state, save_latest=False)
+        dist.barrier()
+        if os.environ.get(FAULT_ENV) == "kill_during_save" and rank0:
+            os.kill(os.getpid(), 9)
+        if rank0:
+            _write_atomic(os.path.join(self.save_dir, tag, CONFIG_FILE),
+                          json.dumps({"model": dataclasses.asdict(model), "iteration": iteration}, indent=1))
+            _write_atomic(os.path.join(self.save_dir, LATEST), tag)
+            for old in self._tags()[:-self.keep_last]:
+                shutil.rmtree(os.path.join(self.save_dir, old), ignore_errors=True)
+        dist.barrier()
+        return tag
+
+    @staticmethod
+    def load(engine, load_dir: str, tag: str) -> dict[str, Any]:
+        path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        if path is None:
+            raise ConfigError(f"--load {load_dir}/{tag}: DeepSpeed could not read the checkpoint")
+        return client_state

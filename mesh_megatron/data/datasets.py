@@ -1,0 +1,205 @@
+"""Train/valid/test GPT datasets from indexed-dataset prefixes, via megatron-core.
+
+``build_gpt_datasets`` is megatron-core's own ``BlendedMegatronDatasetBuilder`` +
+``GPTDatasetConfig`` + ``GPTDataset`` (samples are dicts of ``tokens``/``labels``/
+``loss_mask``/``position_ids``, each ``[seq_length]``), with checks in front of it that
+turn megatron's failure modes into one clear error each, and two workarounds:
+
+* megatron-core 0.16.1 hangs forever (``GPTDataset._get_num_epochs``) when a split that
+  is asked for samples gets no documents, e.g. "969,30,1" over a few hundred documents
+  gives the test split none. We raise instead, and leave out (return None for) any split
+  asked for 0 samples, which megatron would otherwise build as a full epoch.
+* ``BlendedDataset`` calls ``torch.distributed.get_rank()`` on a cache miss, which raises
+  when no process group exists. Single-process callers get a throwaway one-rank gloo
+  group for the duration of the build.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import (
+    BlendedMegatronDatasetBuilder,
+)
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.utils import Split, get_blend_from_list
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+from mesh_megatron.data.cache import default_cache_dir
+from mesh_megatron.data.cpp_helpers import ensure_helpers_cpp
+from mesh_megatron.data.validation import (
+    IndexedDatasetInfo,
+    check_token_ids,
+    inspect_indexed_dataset,
+    sequence_lengths,
+)
+from mesh_megatron.data.vocab import check_vocab_fits
+
+
+class GPTDatasets(NamedTuple):
+    """One dataset per split; None for a split that is not built."""
+
+    train: Optional[torch.utils.data.Dataset]
+    valid: Optional[torch.utils.data.Dataset]
+    test: Optional[torch.utils.data.Dataset]
+
+
+def parse_blend(data_path: str | Sequence[str]) -> tuple[list[str], Optional[list[float]]]:
+    """Megatron-style blend: ["0.7", "a", "0.3", "b"] (weights) or ["a", "b"] (paths).
+
+    A single string is split on whitespace, as ``--data-path`` would be.
+    """
+    items = data_path.split() if isinstance(data_path, str) else [os.fspath(p) for p in data_path]
+    if not items:
+        raise ValueError("no data path given")
+    try:
+        prefixes, weights = get_blend_from_list(items)
+    except AssertionError:  # megatron's own "weights and paths mixed" check
+        raise ValueError(
+            f"cannot read data path {items}: give either only prefixes or a weight before "
+            "every prefix (e.g. 0.7 A 0.3 B)"
+        ) from None
+    if weights is not None:
+        bad = [w for w in weights if not (numpy.isfinite(w) and w > 0)]
+        if bad:
+            raise ValueError(f"blend weights must be positive numbers, got {weights}")
+    return prefixes, weights
+
+
+def _split_matrix(split: str) -> list[Optional[tuple[float, float]]]:
+    try:
+        return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except (AssertionError, ValueError, ZeroDivisionError):
+        raise ValueError(
+            f"bad split {split!r}: expected up to three non-negative weights for "
+            "train,valid,test such as '969,30,1'"
+        ) from None
+
+
+def _check_splits_have_documents(
+    infos: list[IndexedDatasetInfo],
+    matrix: list[Optional[tuple[float, float]]],
+    sizes: list[int],
+    split: str,
+) -> None:
+    """Raise where megatron would hang: a split asked for samples but given no tokens."""
+    for info in infos:
+        lengths = None
+        for kind, bookends, size in zip(Split, matrix, sizes):
+            if bookends is None or size == 0:
+                continue
+            # Same document ranges as BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
+            begin = int(round(bookends[0] * float(info.sequences)))
+            end = int(round(bookends[1] * float(info.sequences)))
+            if end > begin:
+                if lengths is None:
+                    lengths = sequence_lengths(info)
+                if int(lengths[begin:end].sum(dtype=numpy.int64)) > 0:
+                    continue
+            raise ValueError(
+                f"the {kind.name} split of {info.prefix} gets no tokens: split {split!r} gives "
+                f"it documents [{begin}, {end}) of {info.sequences}, but {size} {kind.name} "
+                f"samples were requested. Fix: use more documents, a larger {kind.name} "
+                f"share in the split, or request 0 {kind.name} samples"
+            )
+
+
+@contextmanager
+def _process_group_for_megatron() -> Iterator[None]:
+    """A one-rank gloo group when none exists (see the module docstring)."""
+    if torch.distributed.is_initialized():
+        yield
+        return
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def build_gpt_datasets(
+    data_path: str | Sequence[str],
+    split: str,
+    seq_length: int,
+    seed: int,
+    train_samples: int,
+    valid_samples: int,
+    tokenizer: MegatronTokenizerBase,
+    cache_dir: str | os.PathLike | None = None,
+    test_samples: int = 0,
+    padded_vocab_size: int | None = None,
+    is_built_on_rank: Callable[[], bool] = lambda: True,
+    create_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+) -> GPTDatasets:
+    """Build the train/valid/test ``GPTDataset`` (or ``BlendedDataset``) splits.
+
+    Args:
+        data_path: prefixes, optionally weighted: ["0.7", "a", "0.3", "b"] or ["a", "b"].
+            Unweighted prefixes are weighted by their token counts (as megatron would)
+            but still sized to the requested samples (megatron would stop at one epoch).
+        split: "train,valid,test" document shares, e.g. "969,30,1".
+        seq_length: tokens per sample; ``tokens``/``labels`` are each this long.
+        seed: seeds document and sample shuffling; same seed, same samples.
+        train_samples / valid_samples / test_samples: samples per split; a split asked
+            for 0 samples is not built (None).
+        tokenizer: a mesh_megatron.data.tokenizer tokenizer (eod, vocab_size, ...).
+        cache_dir: where megatron caches the index .npy files; default
+            ``default_cache_dir()/"indices"``. Must be shared by all ranks of a node set.
+        padded_vocab_size: the model's embedding rows; when given, the tokenizer's vocab
+            and (when cheap) the data's largest id are checked against it.
+        is_built_on_rank: megatron's hook; return False on ranks that need no data.
+    Must be called on every rank when torch.distributed is initialised (rank 0 builds
+    the cache first, the others wait at a barrier and then read it).
+    """
+    if seq_length < 1 or train_samples < 1 or valid_samples < 0 or test_samples < 0:
+        raise ValueError(
+            f"need seq_length >= 1, train_samples >= 1 and non-negative valid/test samples; "
+            f"got {seq_length}, {train_samples}, {valid_samples}, {test_samples}"
+        )
+    prefixes, weights = parse_blend(data_path)
+    infos = [inspect_indexed_dataset(prefix) for prefix in prefixes]
+    if padded_vocab_size is not None:
+        check_vocab_fits(tokenizer.vocab_size, padded_vocab_size)
+        for info in infos:
+            check_token_ids(info, padded_vocab_size)
+    sizes = [train_samples, valid_samples, test_samples]
+    matrix = _split_matrix(split)
+    _check_splits_have_documents(infos, matrix, sizes, split)
+    if weights is None and len(prefixes) > 1:
+        weights = [float(info.tokens) for info in infos]
+    ensure_helpers_cpp()
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=split,
+        path_to_cache=str(Path(cache_dir) if cache_dir else default_cache_dir() / "indices"),
+        tokenizer=tokenizer,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=create_attention_mask,
+    )
+    # Splits nobody samples from are dropped here rather than built as a full epoch.
+    config.split_matrix = [m if n > 0 else None for m, n in zip(config.split_matrix, sizes)]
+    with _process_group_for_megatron():
+        train, valid, test = BlendedMegatronDatasetBuilder(
+            GPTDataset, sizes, is_built_on_rank, config
+        ).build()
+    return GPTDatasets(train, valid, test)

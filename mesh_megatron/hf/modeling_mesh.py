@@ -1,0 +1,426 @@
+"""Hugging Face model of an exported MeSH recursive GPT-NeoX (arXiv 2510.07739), pure PyTorch + transformers.
+
+The math contract is docs/MESH_METHOD.md. In one picture, for the layout P+CrK+Q:
+
+    h_emb = embed_in(ids) * embedding_multiplier
+    h_pre = prelude(h_emb)                                   # P layers
+    h0    = h_pre, or the MeSH transitional read             # see MeshRouters.step
+    h_{t+1} = state passing of core(h_t), t = 0..K-1         # see MeshGPTNeoXModel._next_state
+    logits = embed_out(final_layer_norm(coda(h_K)))          # Q layers
+
+Every layer is a GPT-NeoX (Pythia) block and the weight names are GPT-NeoX's, so a prelude/core/coda
+checkpoint reads like a Pythia one with fewer layers plus the MeSH routers (`gpt_neox.mesh.*`) and the
+`learned` scalars (`gpt_neox.state_scalars`).
+
+This file is copied next to exported weights and loaded with `trust_remote_code=True`: it imports only
+torch and transformers, plus its sibling configuration_mesh.py.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple
+
+from .configuration_mesh import MESH_VARIANTS, MeshGPTNeoXConfig
+
+# -----------------------------------------------------------------------------
+# GPT-NeoX block: rotary attention + GELU MLP, parallel residual
+
+
+def rotary_cos_sin(config, position_ids, dtype):
+    """cos/sin tables for GPT-NeoX rotary: [batch, seq, rotary_ndims], the frequencies repeated twice (rotate_half).
+
+    Computed per call instead of kept in a buffer: it is a few hundred numbers, and a non-persistent buffer would
+    have to be rebuilt by hand after transformers materialises the model from the meta device.
+    """
+    head_dim = config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * config.rotary_pct)
+    inv_freq = 1.0 / (config.rotary_emb_base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))  # [dim/2]
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # [batch, seq, dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [batch, seq, dim]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first cos.shape[-1] dims of each head of x [batch, heads, seq, head_dim]; pass the rest."""
+    rot_dim = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [batch, 1, seq, rot_dim], broadcast over heads
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention for config._attn_implementation == "eager". q/k/v: [batch, heads, seq, head_dim]."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, heads, q_len, kv_len]
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask  # additive float mask from create_causal_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # [batch, q_len, heads, head_dim]
+    return attn_output, attn_weights
+
+
+class MeshGPTNeoXAttention(nn.Module):
+    is_causal = True
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config  # the attention interfaces read config._attn_implementation from the module
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, attention_mask, position_embeddings, cache=None, cache_idx=None, **kwargs):
+        batch, seq, _ = x.shape
+        # GPT-NeoX layout: the fused output is [heads, 3, head_dim] per token (q, k, v interleaved per head)
+        qkv = self.query_key_value(x).view(batch, seq, -1, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)  # each [batch, heads, seq, head_dim]
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            # cache_idx is the index of this layer APPLICATION, not of the layer: a shared core layer run K times
+            # keeps K separate key/value histories
+            k, v = cache.update(k, v, cache_idx)  # [batch, heads, past + seq, head_dim]
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        return self.dense(out.reshape(batch, seq, -1))
+
+
+class MeshGPTNeoXMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class MeshGPTNeoXLayer(GradientCheckpointingLayer):
+    def __init__(self, config):
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = MeshGPTNeoXAttention(config)
+        self.mlp = MeshGPTNeoXMLP(config)
+
+    def forward(self, x, attention_mask=None, position_embeddings=None, cache=None, cache_idx=None, **kwargs):
+        # x: [batch, seq, hidden]; passed positionally so gradient checkpointing sees it as an input
+        attn = self.attention(self.input_layernorm(x), attention_mask, position_embeddings, cache, cache_idx, **kwargs)
+        if self.use_parallel_residual:  # Pythia: x + attn(ln1(x)) + mlp(ln2(x))
+            return x + attn + self.mlp(self.post_attention_layernorm(x))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# MeSH: a buffer of B slots written and read through per-step softmax routers
+
+
+class MeshRouter(nn.Module):
+    """Linear(hidden -> B, bias) + softmax over the B slots, per token.
+
+    Its own module (not nn.Linear) so that `_init_weights` gives it the router init, not the linear one.
+    """
+
+    def __init__(self, hidden_size, num_slots):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_slots, hidden_size))  # [B, hidden]
+        self.bias = nn.Parameter(torch.empty(num_slots))  # [B]
+
+    def forward(self, h):
+        logits = F.linear(h, self.weight, self.bias)  # [batch, seq, B]
+        return F.softmax(logits.float(), dim=-1).to(h.dtype)  # softmax in fp32 (MESH_METHOD.md section 3)
+
+
+class MeshRouters(nn.Module):
+    """The K + 1 write and read routers: step s = 0 is the transitional step, s = t + 1 is loop step t."""
+
+    def __init__(self, config):
+        super().__init__()
+        steps, hidden, slots = config.num_loops + 1, config.hidden_size, config.mesh_slots
+        self.write_routers = nn.ModuleList(MeshRouter(hidden, slots) for _ in range(steps))
+        self.read_routers = nn.ModuleList(MeshRouter(hidden, slots) for _ in range(steps))
+
+    def step(self, s, buffer, router_input, new_state):
+        """One MeSH step: route from router_input, add new_state to every slot by its write weight, read.
+
+        buffer: [batch, seq, hidden, B]; returns (buffer, read [batch, seq, hidden]). The write comes first, so
+        the read already sees new_state.
+        """
+        w = self.write_routers[s](router_input)  # [batch, seq, B]
+        r = self.read_routers[s](router_input)  # [batch, seq, B]
+        buffer = buffer + new_state.unsqueeze(-1) * w.unsqueeze(-2)  # m_b += w_b * new_state (additive)
+        read = (buffer * r.unsqueeze(-2)).sum(-1)  # sum_b r_b * m_b
+        return buffer, read
+
+
+# -----------------------------------------------------------------------------
+# models
+
+
+class MeshGPTNeoXPreTrainedModel(PreTrainedModel):
+    config_class = MeshGPTNeoXConfig
+    config: MeshGPTNeoXConfig
+    base_model_prefix = "gpt_neox"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MeshGPTNeoXLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Fresh-model init. transformers.initialization skips tensors already loaded from a checkpoint."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MeshRouter):
+            # MESH_METHOD.md section 3 (decided): std sqrt(2 / (B * hidden)), truncated at 3 std, bias 0
+            router_std = math.sqrt(2.0 / module.weight.numel())
+            init.trunc_normal_(module.weight, mean=0.0, std=router_std, a=-3 * router_std, b=3 * router_std)
+            init.zeros_(module.bias)
+        elif isinstance(module, MeshGPTNeoXModel) and module.state_scalars is not None:
+            # (a1, a2, a3) = (1, 1, 0): every learned step starts as the anchor recurrence core(h_t) + h0
+            init.copy_(module.state_scalars, torch.tensor([1.0, 1.0, 0.0]).expand_as(module.state_scalars))
+
+
+class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
+    """Embeddings, prelude, looped core, coda and final LayerNorm (no output layer).
+
+    `hidden_states` (with output_hidden_states=True) is a tuple of K + 4 tensors [batch, seq, hidden], in order:
+        0      h_emb   embed_in(ids) * embedding_multiplier (the input to the prelude)
+        1      h_pre   after the prelude
+        2      h0      the state entering the loop: the MeSH transitional read for mesh variants,
+                       h_pre again for every other variant
+        3..K+2 h_1..h_K  the state after each loop step, state passing included (h_K enters the coda)
+        K+3    h_out   after the coda, before final_layer_norm
+    `last_hidden_state` is final_layer_norm(h_out).
+
+    KV cache: one entry per executed layer application, P + C*K + Q in all, numbered in execution order:
+    prelude layer i -> i, core layer j in loop step t -> P + t*C + j, coda layer j -> P + C*K + j. A shared core
+    layer therefore owns K cache entries; the entry is passed to the attention at call time (`cache_idx`).
+    """
+
+    def __init__(self, config: MeshGPTNeoXConfig):
+        super().__init__(config)
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        # unique layers: prelude 0..P-1, core P..P+C-1 (K distinct blocks P..P+C*K-1 if not core_shared), coda
+        self.layers = nn.ModuleList(MeshGPTNeoXLayer(config) for _ in range(config.num_hidden_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mesh = MeshRouters(config) if config.state_passing in MESH_VARIANTS else None
+        # learned variant: (a1, a2, a3) per loop step, h_{t+1} = a1*core(h_t) + a2*h0 + a3*h_emb
+        learned = config.state_passing == "learned"
+        self.state_scalars = nn.Parameter(torch.empty(config.num_loops, 3)) if learned else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_in
+
+    def set_input_embeddings(self, value):
+        self.embed_in = value
+
+    def prelude(self):
+        return self.layers[: self.config.num_prelude_layers]
+
+    def core_block(self, t):
+        """The C layers run at loop step t: the shared core, or distinct block t for vanilla+mesh."""
+        P, C = self.config.num_prelude_layers, self.config.num_core_layers
+        start = P + (0 if self.config.core_shared else t * C)
+        return self.layers[start : start + C]
+
+    def coda(self):
+        return self.layers[len(self.layers) - self.config.num_coda_layers :]
+
+    def _next_state(self, t, y, h, h0, h_emb):
+        """Non-MeSH state passing, y = core(h_t) -> h_{t+1} (MESH_METHOD.md section 2)."""
+        variant = self.config.state_passing
+        if variant == "learned":
+            a1, a2, a3 = self.state_scalars[t]
+            return a1 * y + a2 * h0 + a3 * h_emb
+        supplements = {"residual": h, "anchor": h0, "anchor_emb": h_emb}
+        for name in variant.split("+"):  # base adds nothing; "residual+anchor" adds h_t and h0; ...
+            if name != "base":
+                y = y + supplements[name]
+        return y
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        inputs_embeds: replaces embed_in(input_ids); it is still multiplied by config.embedding_multiplier.
+        cache: KV cache with one entry per layer application (see the class docstring); a cache sized by
+            config.num_hidden_layers, as generate() builds it, is extended before use.
+        """
+        cfg = self.config
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_in(input_ids)  # [batch, seq, hidden]
+
+        if use_cache and cache is None:
+            cache = DynamicCache()  # grows one entry per cache index it is given
+        if cache is not None:
+            _extend_cache(cache, cfg.num_layer_applications)
+        seq = inputs_embeds.shape[1]
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+            # mask [batch, past + seq]: count real tokens only, as generate() does, so a left-padded row gets the
+            # positions it would have unpadded
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, -seq:]
+        elif position_ids is None:  # no padding: continue after the cached tokens
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + seq, device=inputs_embeds.device)[None]
+        # causal + padding mask in the format of the attention implementation (None when sdpa can use is_causal)
+        mask = create_causal_mask(
+            config=cfg,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        rope = rotary_cos_sin(cfg, position_ids, inputs_embeds.dtype)
+
+        cache_indices = iter(range(cfg.num_layer_applications))  # next cache entry, in execution order
+
+        def run(layers, h):
+            for layer in layers:
+                idx = next(cache_indices)
+                h = layer(h, attention_mask=mask, position_embeddings=rope, cache=cache, cache_idx=idx, **kwargs)
+            return h
+
+        h_emb = inputs_embeds * cfg.embedding_multiplier
+        h_pre = run(self.prelude(), h_emb)
+        if self.mesh is not None:
+            # buffer [batch, seq, hidden, B]: m_0 = h_emb, the other slots 0. It lives for this forward only; with a
+            # KV cache it covers the new tokens only, which is exact because the buffer is per token.
+            buffer = F.pad(h_emb.unsqueeze(-1), (0, cfg.mesh_slots - 1))
+            buffer, h0 = self.mesh.step(0, buffer, router_input=h_pre, new_state=h_pre)  # transitional step
+        else:
+            h0 = h_pre
+        states = [h_emb, h_pre, h0]
+
+        h = h0
+        for t in range(cfg.num_loops):
+            y = run(self.core_block(t), h)
+            if self.mesh is not None:
+                buffer, h = self.mesh.step(t + 1, buffer, router_input=h, new_state=y)
+            else:
+                h = self._next_state(t, y, h, h0, h_emb)
+            states.append(h)
+
+        h_out = run(self.coda(), h)
+        states.append(h_out)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.final_layer_norm(h_out),
+            cache=cache if use_cache else None,
+            hidden_states=tuple(states) if output_hidden_states else None,
+        )
+
+
+def _extend_cache(cache, num_entries):
+    """Give the cache one entry per layer application.
+
+    generate() and DynamicCache(config=...) size a cache by config.num_hidden_layers, the unique layers; a looped
+    model needs P + C*K + Q. A lazily grown DynamicCache() needs nothing; a cache of fixed-size layers (static)
+    is not supported.
+    """
+    missing = num_entries - len(cache.layers)
+    if missing <= 0 or cache.layer_class_to_replicate is not None:
+        return
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"{type(cache).__name__} has {len(cache.layers)} layers, not {num_entries}: use DynamicCache")
+    cache.layers.extend(DynamicLayer() for _ in range(missing))
+
+
+class MeshGPTNeoXForCausalLM(MeshGPTNeoXPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"embed_out.weight": "gpt_neox.embed_in.weight"}  # applied only if tie_word_embeddings
+
+    def __init__(self, config: MeshGPTNeoXConfig):
+        super().__init__(config)
+        self.gpt_neox = MeshGPTNeoXModel(config)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.embed_out
+
+    def set_output_embeddings(self, new_embeddings):
+        self.embed_out = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels: [batch, seq] token ids, -100 ignored; shifted inside the loss (position i predicts labels[i + 1]).
+        logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
+        """
+        outputs = self.gpt_neox(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.embed_out(outputs.last_hidden_state[:, keep, :])  # [batch, kept, vocab]
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+# save_pretrained writes auto_map entries and copies this file and configuration_mesh.py next to the weights
+MeshGPTNeoXModel.register_for_auto_class("AutoModel")
+MeshGPTNeoXForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,187 @@
+"""Command-line flags (Megatron / gpt-neox names) -> a validated RunConfig.
+
+Everything cheap is checked here, before any process group, dataset or model exists:
+flags, model config, ds_config JSON and batch arithmetic, data files, checkpoint dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Optional
+
+from mesh_megatron.config import (PRESETS, VARIANTS, ConfigError, DataConfig, LoggingConfig, ModelConfig,
+                                  ParallelConfig, TrainingConfig, load_model_config, preset, validate,
+                                  validate_training)
+
+DEFAULTS = TrainingConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_mesh.py",
+        description="Pretrain a MeSH recursive transformer (megatron-core layers, DeepSpeed ZeRO). "
+                    "With no data flags it trains the tiny MeSH preset on the corpus shipped in the package.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model shape")
+    m.add_argument("--variant", default="mesh", choices=list(VARIANTS), help="state passing between loop iterations")
+    m.add_argument("--layout", default=None, help="recursion layout P+CrK+Q, e.g. 4+8R2+4 (default: the preset's)")
+    m.add_argument("--config", default=None, help="YAML model config (ModelConfig fields or 'preset:' + overrides)")
+    m.add_argument("--mesh-slots", type=int, default=None, help="MeSH buffer slots B (default K+3)")
+    m.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
+
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel ranks (megatron-core)")
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="pipeline stages (only 1 today)")
+    par.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="examples/zero2.json",
+                     help="DeepSpeed JSON config (ZeRO stage, bf16...)")
+    par.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                     help="set by the deepspeed launcher; the LOCAL_RANK env is used")
+    par.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed-style launch lines")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--micro-batch-size", type=int, default=None,
+                   help=f"samples per rank per forward (default: ds_config or {DEFAULTS.micro_batch_size})")
+    t.add_argument("--global-batch-size", type=int, default=None,
+                   help=f"samples per optimizer step (default: ds_config or {DEFAULTS.global_batch_size})")
+    t.add_argument("--train-iters", type=int, default=DEFAULTS.train_iters, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate")
+    t.add_argument("--min-lr", type=float, default=DEFAULTS.min_lr, help="cosine decays to this")
+    t.add_argument("--lr-warmup-fraction", type=float, default=DEFAULTS.lr_warmup_fraction,
+                   help="fraction of --train-iters with linear warmup")
+    t.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay")
+    t.add_argument("--adam-beta1", type=float, default=DEFAULTS.adam_beta1, help="AdamW beta1")
+    t.add_argument("--adam-beta2", type=float, default=DEFAULTS.adam_beta2, help="AdamW beta2")
+    t.add_argument("--clip-grad", type=float, default=DEFAULTS.clip_grad, help="gradient-norm clipping")
+    t.add_argument("--bf16", action="store_true", help="bf16 weights and activations (GPU, and CPU)")
+    t.add_argument("--fp16", action="store_true", help="fp16 with loss scaling (GPU only)")
+    t.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
+    t.add_argument("--nan-policy", choices=["stop", "skip"], default=DEFAULTS.nan_policy,
+                   help="on a non-finite loss: stop with a message, or skip that micro-batch")
+
+    c = p.add_argument_group("checkpoints and evaluation")
+    c.add_argument("--save", default=None, help="directory to write checkpoints to")
+    c.add_argument("--load", default=None, help="directory to resume from (its 'latest' checkpoint)")
+    c.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
+    c.add_argument("--keep-last", type=int, default=DEFAULTS.keep_last, help="checkpoints kept on disk")
+    c.add_argument("--eval-interval", type=int, default=DEFAULTS.eval_interval,
+                   help="validate every N iterations (0: never)")
+    c.add_argument("--eval-iters", type=int, default=DEFAULTS.eval_iters, help="micro-batches per validation")
+    c.add_argument("--log-interval", type=int, default=DEFAULTS.log_interval, help="iterations per log line")
+    c.add_argument("--sample-tokens", type=int, default=DEFAULTS.sample_tokens,
+                   help="greedy sample length printed at the end (0: none)")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data-path", nargs="*", default=[],
+                   help="indexed dataset prefixes, optionally weighted: [w1] prefix1 [w2] prefix2 ...")
+    d.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
+    d.add_argument("--tokenizer-type", choices=["sentencepiece", "hf"], default=None,
+                   help="sentencepiece .model or Hugging Face tokenizer.json")
+    d.add_argument("--tokenizer-model", default=None, help="path of the tokenizer file")
+    d.add_argument("--data-cache-dir", default=None, help="dataset index cache (default ~/.cache/mesh_megatron)")
+
+    lg = p.add_argument_group("logging")
+    lg.add_argument("--tensorboard-dir", default=None, help="write tensorboard scalars here")
+    lg.add_argument("--wandb-project", default=None, help="log to wandb under this project")
+    lg.add_argument("--wandb-mode", choices=["offline", "online"], default="offline", help="wandb mode")
+    return p
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    overrides = {"mesh_slots": args.mesh_slots, "seq_length": args.seq_length}
+    if args.config:
+        if not os.path.isfile(args.config):
+            raise ConfigError(f"--config {args.config}: no such file")
+        return load_model_config(args.config, **overrides)
+    return preset(args.preset, args.variant, args.layout,
+                  **{k: v for k, v in overrides.items() if v is not None})
+
+
+def run_tokenizer(data: DataConfig):
+    """The tokenizer of this run: the given file, or the one shipped with the embedded corpus."""
+    from mesh_megatron.data.embedded import embedded_tokenizer
+    from mesh_megatron.data.tokenizer import build_tokenizer
+
+    if data.tokenizer_model:
+        try:
+            return build_tokenizer(data.tokenizer_type or "sentencepiece", data.tokenizer_model)
+        except (ValueError, OSError) as e:
+            raise ConfigError(str(e)) from None
+    return embedded_tokenizer()
+
+
+def _fit_vocab(model: ModelConfig, tokenizer, config_path: Optional[str], parallel: ParallelConfig) -> ModelConfig:
+    """The model's vocabulary is the tokenizer's, unless a --config file fixes vocab_size:
+    then the tokenizer must fit in the padded embedding."""
+    explicit = False
+    if config_path:
+        import yaml
+
+        with open(config_path) as f:
+            raw = yaml.safe_load(f) or {}
+        explicit = "vocab_size" in raw.get("model", raw)
+    if not explicit:
+        return dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
+    padded = model.padded_vocab_size(parallel.tensor_model_parallel_size)
+    if tokenizer.vocab_size > padded:
+        raise ConfigError(f"tokenizer vocab ({tokenizer.vocab_size}) is larger than the model's padded vocab "
+                          f"({padded}, vocab_size {model.vocab_size} in {config_path}): raise vocab_size "
+                          "or use the tokenizer the model was built for")
+    return model
+
+
+def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
+    """Flags -> RunConfig, every cheap check done. Raises ConfigError with one clear line."""
+    from mesh_megatron.parallel.deepspeed_config import finalize_ds_config, load_ds_config, resolve_batch
+    from mesh_megatron.training.trainer import RunConfig
+
+    args = build_parser().parse_args(argv)
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    if parallel.pipeline_model_parallel_size != 1:
+        raise ConfigError("--pipeline-model-parallel-size > 1 is not supported yet: use 1 "
+                          "(tensor parallelism and ZeRO data parallelism are)")
+    if parallel.tensor_model_parallel_size > world:
+        raise ConfigError(f"--tensor-model-parallel-size {parallel.tensor_model_parallel_size} is larger "
+                          f"than the world size {world}: launch at least that many ranks or lower it")
+    model = _model_config(args)
+    if args.data_path and not args.tokenizer_model:
+        raise ConfigError("--data-path needs --tokenizer-type and --tokenizer-model (the tokenizer "
+                          "the data was preprocessed with)")
+    model = _fit_vocab(model, run_tokenizer(data := DataConfig(
+        data_path=list(args.data_path), split=args.split, tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model, cache_dir=args.data_cache_dir)), args.config, parallel)
+    validate(model, parallel, world)
+    dp = world // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)
+
+    ds = load_ds_config(args.ds_config)
+    micro, global_ = resolve_batch(ds, args.micro_batch_size, args.global_batch_size, dp, args.ds_config)
+    if args.bf16 and args.fp16:
+        raise ConfigError("--bf16 and --fp16 are exclusive: pick one")
+    precision = "bf16" if args.bf16 or ds.get("bf16", {}).get("enabled") else \
+        "fp16" if args.fp16 or ds.get("fp16", {}).get("enabled") else "fp32"
+    train = TrainingConfig(
+        micro_batch_size=micro, global_batch_size=global_, train_iters=args.train_iters, lr=args.lr,
+        min_lr=args.min_lr, lr_warmup_fraction=args.lr_warmup_fraction, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
+        precision=precision, seed=args.seed, save=args.save, load=args.load,
+        save_interval=args.save_interval, keep_last=args.keep_last, eval_interval=args.eval_interval,
+        eval_iters=args.eval_iters, log_interval=args.log_interval, nan_policy=args.nan_policy,
+        sample_tokens=args.sample_tokens,
+    )
+    validate_training(train, dp)
+    ds = finalize_ds_config(ds, train, dp, args.ds_config)
+
+    if args.load:
+        from mesh_megatron.checkpoint.manager import check_model_config, read_latest
+
+        check_model_config(args.load, read_latest(args.load), model)
+    logging = LoggingConfig(tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
+                            wandb_mode=args.wandb_mode)
+    return RunConfig(model=model, parallel=parallel, train=train, data=data, logging=logging,
+                     ds_config=ds, ds_config_path=args.ds_config)
+
+

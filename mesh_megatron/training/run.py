@@ -1,0 +1,86 @@
+"""`pretrain_mesh.py` end to end: parse -> init -> data -> model/engine -> train -> save -> sample."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Optional
+
+import torch.distributed as dist
+
+from mesh_megatron.config import ConfigError
+
+
+def _build_data(run, rank0: bool):
+    """(tokenizer, (train, valid)) for this run; the embedded corpus when no --data-path.
+
+    The embedded corpus is tokenized once into the cache by rank 0 while the others wait.
+    """
+    from mesh_megatron.data.datasets import build_gpt_datasets
+    from mesh_megatron.data.embedded import embedded_prefix, prepare_embedded_dataset
+    from mesh_megatron.training.arguments import run_tokenizer
+
+    tokenizer = run_tokenizer(run.data)
+    if run.data.data_path:
+        paths = run.data.data_path
+    else:
+        if rank0:
+            prepare_embedded_dataset(run.data.cache_dir)
+        dist.barrier()
+        paths = [embedded_prefix(run.data.cache_dir)]
+    t = run.train
+    dp = dist.get_world_size() // run.parallel.tensor_model_parallel_size
+    built = build_gpt_datasets(
+        paths, run.data.split, run.model.seq_length, t.seed,
+        train_samples=t.train_iters * t.global_batch_size,
+        valid_samples=max(1, t.eval_iters * t.micro_batch_size * dp) if t.eval_interval else 0,
+        tokenizer=tokenizer, cache_dir=run.data.cache_dir,
+        padded_vocab_size=run.model.padded_vocab_size(run.parallel.tensor_model_parallel_size),
+    )
+    return tokenizer, (built.train, built.valid)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from mesh_megatron.training import arguments
+    from mesh_megatron.training.trainer import NonFiniteLoss, Trainer, fail
+
+    try:
+        run = arguments.parse(argv)
+    except ConfigError as e:
+        return fail(str(e))
+
+    import deepspeed
+
+    from mesh_megatron.checkpoint.manager import CheckpointManager, read_latest
+    from mesh_megatron.parallel.initialize import backend, destroy, initialize_distributed, set_seed
+
+    initialize_distributed(run.parallel)
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
+    set_seed(run.train.seed)
+    rank0 = dist.get_rank() == 0
+    trainer = None
+    try:
+        try:
+            tokenizer, datasets = _build_data(run, rank0)
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            return fail(str(e))
+        trainer = Trainer(run, datasets, tokenizer)
+        if run.train.load:
+            trainer.resume(run.train.load, read_latest(run.train.load))
+        checkpoints = CheckpointManager(run.train.save, run.train.keep_last)
+        try:
+            trainer.fit(checkpoints)
+        except NonFiniteLoss as e:
+            return fail(str(e))
+        if run.train.sample_tokens:
+            text = trainer.greedy_sample("The", run.train.sample_tokens)
+            trainer.sinks.print(f"greedy sample: {text!r}")
+        return 0
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The training loop: DeepSpeed engine around the megatron-core model.
+
+    batch (per DP rank) -> engine(tokens) -> masked mean loss -> engine.backward
+    -> engine.step (ZeRO reduce/partition, clip, AdamW, LR schedule at the boundary)
+
+Everything is decided before this runs (RunConfig is validated); this file only executes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mesh_megatron.config import (ConfigError, DataConfig, LoggingConfig, ModelConfig, ParallelConfig,
+                                  TrainingConfig, gradient_accumulation_steps, to_transformer_config)
+from mesh_megatron.data.sampler import collate, micro_batch_indices
+from mesh_megatron.model import MeshGPTModel
+from mesh_megatron.model.accounting import ParameterCounts, training_flops_per_token
+from mesh_megatron.training.metrics import Throughput, peak_memory_gib
+from mesh_megatron.training.schedule import adamw, cosine_with_warmup
+from mesh_megatron.training.sinks import LogSinks
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    train: TrainingConfig
+    data: DataConfig
+    logging: LoggingConfig
+    ds_config: dict[str, Any]
+    ds_config_path: str
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, datasets, tokenizer):
+        import deepspeed
+        from megatron.core import parallel_state as ps
+
+        from mesh_megatron.parallel.mpu import MegatronMPU
+
+        self.run, self.tokenizer = run, tokenizer
+        self.train_ds, self.valid_ds = datasets
+        self.cfg, self.train = run.model, run.train
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.rank0 = dist.get_rank() == 0
+        self.sinks = LogSinks(run.logging, {"model": dataclasses.asdict(run.model),
+                                            "train": dataclasses.asdict(run.train)}, self.rank0)
+
+        tf_config = to_transformer_config(self.cfg, run.parallel)
+        model = MeshGPTModel(self.cfg, tf_config)
+        self.counts = ParameterCounts.of(model)
+        optimizer = adamw(model, self.train)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=cosine_with_warmup(optimizer, self.train),
+            config=run.ds_config, mpu=MegatronMPU, dist_init_required=False,
+        )
+        self.flops_per_token = training_flops_per_token(self.cfg, self.cfg.seq_length,
+                                                        run.parallel.tensor_model_parallel_size)
+        self.iteration = 0
+
+    # ---------------------------------------------------------------- one step
+    def _masked_mean(self, tokens, labels, mask) -> torch.Tensor:
+        losses = self.engine(tokens, labels=labels)  # [b, s] fp32
+        return (losses * mask).sum() / mask.sum().clamp_min(1)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Every rank agrees whether this micro-batch's loss is finite (so all skip together)."""
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0.0
+
+    def _zero_loss(self) -> torch.Tensor:
+        # Touches every parameter with a zero gradient, so ZeRO's reduce hooks still fire.
+        return sum(p.sum() * 0.0 for p in self.engine.module.parameters())
+
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer step over all micro-batches; (mean loss, skipped micro-batches)."""
+        self.engine.train()
+        total, skipped, count = 0.0, 0, 0
+        for indices in micro_batch_indices(self.iteration, self.train.micro_batch_size,
+                                           self.train.global_batch_size, self.dp_rank, self.dp_size,
+                                           len(self.train_ds)):
+            tokens, labels, mask = collate(self.train_ds, indices)
+            loss = self._masked_mean(tokens, labels, mask)
+            if not self._all_finite(loss):
+                if self.train.nan_policy == "stop":
+                    raise NonFiniteLoss(
+                        f"loss is {loss.item()} at iteration {self.iteration + 1}: stopping "
+                        "(lower --lr, check the data, or pass --nan-policy skip to drop such batches)")
+                self.sinks.print(f"warning: non-finite loss at iteration {self.iteration + 1}; "
+                                 "micro-batch skipped (--nan-policy skip)")
+                loss, skipped = self._zero_loss(), skipped + 1
+            else:
+                total, count = total + loss.item(), count + 1
+            self.engine.backward(loss)
+            self.engine.step()
+        self.iteration += 1
+        mean = torch.tensor([total, count], dtype=torch.float64)
+        dist.all_reduce(mean, group=self.dp_group)
+        return (mean[0] / mean[1]).item() if mean[1] else float("nan"), skipped
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for i in range(self.train.eval_iters):
+            start = (i * self.dp_size + self.dp_rank) * self.train.micro_batch_size
+            indices = [(start + j) % len(self.valid_ds) for j in range(self.train.micro_batch_size)]
+            tokens, labels, mask = collate(self.valid_ds, indices)
+            losses = self.engine(tokens, labels=labels)
+            total += torch.tensor([(losses * mask).sum().item(), mask.sum().item()], dtype=torch.float64)
+        dist.all_reduce(total, group=self.dp_group)
+        self.engine.train()
+        return (total[0] / total[1]).item()
+
+    # ---------------------------------------------------------------- checkpoints
+    def client_state(self) -> dict[str, Any]:
+        return {"iteration": self.iteration,
+                "consumed_samples": self.iteration * self.train.global_batch_size,
+                "rng": _rng_state()}
+
+    def resume(self, load_dir: str, tag: str) -> None:
+        from mesh_megatron.checkpoint.manager import CheckpointManager
+
+        state = CheckpointManager.load(self.engine, load_dir, tag)
+        self.iteration = int(state["iteration"])
+        _set_rng_state(state["rng"])
+        self.sinks.print(f"resumed from {load_dir}/{tag}: iteration {self.iteration}, "
+                         f"{state['consumed_samples']} samples consumed")
+
+    # ---------------------------------------------------------------- sample
+    @torch.no_grad()
+    def greedy_sample(self, prompt: str, new_tokens: int) -> str:
+        from mesh_megatron.checkpoint.tensor_parallel import gather_tensor
+
+        model = self.engine.module
+        model.eval()
+        ids = list(self.tokenizer.tokenize(prompt))
+        for _ in range(new_tokens):
+            window = torch.tensor([ids[-self.cfg.seq_length:]])
+            logits = gather_tensor(model(window)[:, -1].float(), dim=-1, group=self.tp_group)
+            ids.append(int(logits[0, :self.tokenizer.vocab_size].argmax()))
+        return self.tokenizer.detokenize(ids)
+
+    # ---------------------------------------------------------------- loop
+    def fit(self, checkpoints) -> dict[str, float]:
+        t = self.train
+        seq = self.cfg.seq_length
+        accum = gradient_accumulation_steps(t, self.dp_size)
+        self.sinks.print(
+            f"model: {self.cfg.variant} {self.cfg.parsed_layout} hidden {self.cfg.hidden_size}, "
+            f"{self.counts.total:,} params on this TP rank ({self.counts.non_embedding:,} non-embedding, "
+            f"{self.counts.router:,} router); {self.flops_per_token:,} train FLOPs/token")
+        self.sinks.print(
+            f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x grad-accum {accum} x "
+            f"data-parallel {self.dp_size}; {t.global_batch_size * seq:,} tokens/step; "
+            f"ZeRO stage {self.run.ds_config.get('zero_optimization', {}).get('stage', 0)}; {t.precision}")
+        history: dict[str, float] = {}
+        window_start, window_iters = time.time(), 0
+        if self.iteration == 0 and t.eval_interval:
+            history["valid_loss_start"] = self._log_eval()
+        while self.iteration < t.train_iters:
+            loss, skipped = self.train_step()
+            window_iters += 1
+            history.setdefault("loss_first", loss)
+            history["loss_last"] = loss
+            if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
+                elapsed = time.time() - window_start
+                thr = Throughput.measure(window_iters * t.global_batch_size * seq, elapsed,
+                                         self.flops_per_token, dist.get_world_size())
+                lr = self.engine.get_lr()[0]
+                grad_norm = self.engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                mfu = f"{100 * thr.mfu:.1f}%" if thr.mfu is not None else "-"
+                self.sinks.print(
+                    f"iter {self.iteration:>6}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | "
+                    f"grad-norm {grad_norm:.3f} | tokens/s {thr.tokens_per_s:,.0f} | "
+                    f"TFLOP/s/dev {thr.tflops_per_device:.4f} | MFU {mfu} | "
+                    f"mem {peak_memory_gib():.2f} GiB | {elapsed / window_iters:.3f} s/it"
+                    + (f" | skipped {skipped}" if skipped else ""))
+                self.sinks.scalars(self.iteration, {"train/loss": loss, "train/lr": lr,
+                                                    "train/grad_norm": grad_norm,
+                                                    "perf/tokens_per_s": thr.tokens_per_s,
+                                                    "perf/tflops_per_device": thr.tflops_per_device,
+                                                    "perf/mfu": thr.mfu})
+                window_start, window_iters = time.time(), 0
+            if t.eval_interval and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):
+                history["valid_loss"] = self._log_eval()
+            if checkpoints.save_dir and t.save_interval and self.iteration % t.save_interval == 0 \
+                    and self.iteration != t.train_iters:
+                self._save(checkpoints)
+        if checkpoints.save_dir:
+            self._save(checkpoints)
+        return history
+
+    def _log_eval(self) -> float:
+        loss = self.evaluate()
+        self.sinks.print(f"validation at iter {self.iteration} | loss {loss:.4f} | "
+                         f"perplexity {math.exp(min(loss, 50)):.2f}")
+        self.sinks.scalars(self.iteration, {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50))})
+        return loss
+
+    def _save(self, checkpoints) -> None:
+        tag = checkpoints.save(self.engine, self.iteration, self.cfg, self.client_state())
+        self.sinks.print(f"saved checkpoint {checkpoints.save_dir}/{tag}")
+
+    def close(self) -> None:
+        self.sinks.close()
+        dist.barrier()
+        self.engine.destroy()
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 2
