@@ -427,6 +427,7 @@ class TrainingConfig:
     log_interval: int = 10
     nan_policy: str = "stop"  # "stop": exit with a message; "skip": drop the step and go on
     sample_tokens: int = 48  # greedy sample printed at the end (0: none)
+    exit_interval: Optional[int] = None  # save and exit when iteration % N == 0 (Megatron's flag)
 
 
 @dataclass
@@ -446,6 +447,7 @@ class LoggingConfig:
     wandb_project: Optional[str] = None
     wandb_mode: str = "offline"  # "online" only when asked
     wandb_dir: Optional[str] = None
+    jsonl_path: Optional[str] = None  # one JSON record per log/eval line, for scripts
 
 
 def validate_training(train: TrainingConfig, data_parallel_size: int) -> None:

@@ -27,8 +27,8 @@ from mesh_megatron.config import ConfigError, ModelConfig
 LATEST = "latest"
 CONFIG_FILE = "mesh_config.json"
 _TAG_RE = re.compile(r"^iter_(\d{7})$")
-# Test hook: "kill_during_save" SIGKILLs this process after DeepSpeed wrote the tag's
-# files and before `latest` moves, i.e. in the middle of a checkpoint.
+# Test hook: "kill_during_save:N" SIGKILLs rank 0 while saving iteration N, after
+# DeepSpeed wrote the tag's files and before `latest` moves: a crash mid-checkpoint.
 FAULT_ENV = "MESH_MEGATRON_FAULT"
 
 
@@ -96,7 +96,7 @@ class CheckpointManager:
         dist.barrier()
         engine.save_checkpoint(self.save_dir, tag=tag, client_state=client_state, save_latest=False)
         dist.barrier()
-        if os.environ.get(FAULT_ENV) == "kill_during_save" and rank0:
+        if os.environ.get(FAULT_ENV) == f"kill_during_save:{iteration}" and rank0:
             os.kill(os.getpid(), 9)
         if rank0:
             _write_atomic(os.path.join(self.save_dir, tag, CONFIG_FILE),

@@ -16,11 +16,13 @@ turn megatron's failure modes into one clear error each, and two workarounds:
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy
 import torch
@@ -49,12 +51,12 @@ from mesh_megatron.data.vocab import check_vocab_fits
 class GPTDatasets(NamedTuple):
     """One dataset per split; None for a split that is not built."""
 
-    train: Optional[torch.utils.data.Dataset]
-    valid: Optional[torch.utils.data.Dataset]
-    test: Optional[torch.utils.data.Dataset]
+    train: torch.utils.data.Dataset | None
+    valid: torch.utils.data.Dataset | None
+    test: torch.utils.data.Dataset | None
 
 
-def parse_blend(data_path: str | Sequence[str]) -> tuple[list[str], Optional[list[float]]]:
+def parse_blend(data_path: str | Sequence[str]) -> tuple[list[str], list[float] | None]:
     """Megatron-style blend: ["0.7", "a", "0.3", "b"] (weights) or ["a", "b"] (paths).
 
     A single string is split on whitespace, as ``--data-path`` would be.
@@ -76,26 +78,36 @@ def parse_blend(data_path: str | Sequence[str]) -> tuple[list[str], Optional[lis
     return prefixes, weights
 
 
-def _split_matrix(split: str) -> list[Optional[tuple[float, float]]]:
+def _split_matrix(split: str) -> list[tuple[float, float] | None]:
+    """megatron's split matrix, after checking the string (megatron's parser reads "-1" as
+    1 and "abc" or "0,0,0" as NaN shares)."""
     try:
-        return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    except (AssertionError, ValueError, ZeroDivisionError):
+        shares = [float(part) for part in re.split(r"[,/]", split)]
+    except ValueError:
+        shares = []
+    if not (1 <= len(shares) <= 3 and all(0 <= s < math.inf for s in shares) and sum(shares)):
         raise ValueError(
-            f"bad split {split!r}: expected up to three non-negative weights for "
-            "train,valid,test such as '969,30,1'"
-        ) from None
+            f"bad split {split!r}: expected one to three non-negative shares for "
+            "train,valid,test, not all zero, such as '969,30,1'"
+        )
+    return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
 
 
 def _check_splits_have_documents(
     infos: list[IndexedDatasetInfo],
-    matrix: list[Optional[tuple[float, float]]],
+    matrix: list[tuple[float, float] | None],
     sizes: list[int],
     split: str,
 ) -> None:
-    """Raise where megatron would hang: a split asked for samples but given no tokens."""
+    """Raise where megatron would hang: a split asked for samples but given no tokens.
+
+    A valid/test share of 0 is a choice (that split is None); a train share of 0 is not.
+    """
+    if matrix[Split.train.value] is None:
+        raise ValueError(f"split {split!r} gives the train split no share of the documents")
     for info in infos:
         lengths = None
-        for kind, bookends, size in zip(Split, matrix, sizes):
+        for kind, bookends, size in zip(Split, matrix, sizes, strict=True):
             if bookends is None or size == 0:
                 continue
             # Same document ranges as BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
@@ -155,8 +167,9 @@ def build_gpt_datasets(
         split: "train,valid,test" document shares, e.g. "969,30,1".
         seq_length: tokens per sample; ``tokens``/``labels`` are each this long.
         seed: seeds document and sample shuffling; same seed, same samples.
-        train_samples / valid_samples / test_samples: samples per split; a split asked
-            for 0 samples is not built (None).
+        train_samples / valid_samples / test_samples: samples per split (at least that
+            many; megatron rounds up to whole epochs or blend parts). A split asked for 0
+            samples, or given a 0 share by ``split``, is not built (None).
         tokenizer: a mesh_megatron.data.tokenizer tokenizer (eod, vocab_size, ...).
         cache_dir: where megatron caches the index .npy files; default
             ``default_cache_dir()/"indices"``. Must be shared by all ranks of a node set.
@@ -197,7 +210,9 @@ def build_gpt_datasets(
         create_attention_mask=create_attention_mask,
     )
     # Splits nobody samples from are dropped here rather than built as a full epoch.
-    config.split_matrix = [m if n > 0 else None for m, n in zip(config.split_matrix, sizes)]
+    config.split_matrix = [
+        m if n > 0 else None for m, n in zip(config.split_matrix, sizes, strict=True)
+    ]
     with _process_group_for_megatron():
         train, valid, test = BlendedMegatronDatasetBuilder(
             GPTDataset, sizes, is_built_on_rank, config

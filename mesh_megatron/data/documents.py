@@ -105,13 +105,11 @@ def decode_document(raw: RawDocument, fmt: str, path: str, json_key: str) -> str
     if json_key not in record:
         keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
         raise InputFormatError(
-            f"{where}: missing key {json_key!r} (keys: {keys}); "
-            "pick the key with --json-key"
+            f"{where}: missing key {json_key!r} (keys: {keys}); pick the key with --json-key"
         )
     text = record[json_key]
     if not isinstance(text, str):
         raise InputFormatError(
-            f"{where}: key {json_key!r} is a JSON "
-            f"{type(text).__name__}, expected a string"
+            f"{where}: key {json_key!r} is a JSON {type(text).__name__}, expected a string"
         )
     return text

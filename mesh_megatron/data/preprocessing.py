@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -72,7 +73,7 @@ class StagedPrefix:
         self.idx_path = f"{self.prefix}.idx{tag}"
         self._committed = False
 
-    def __enter__(self) -> "StagedPrefix":
+    def __enter__(self) -> StagedPrefix:
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -97,13 +98,21 @@ class StagedPrefix:
 
 # One tokenizer per worker process, loaded once by the pool initializer.
 _job: _EncodeJob | None = None
-_tokenizer = None
+_tokenizer: MegatronTokenizerText | None = None
 
 
 def _init_worker(job: _EncodeJob, tokenizer: MegatronTokenizerText | None = None) -> None:
     global _job, _tokenizer
     _job = job
     _tokenizer = tokenizer or build_tokenizer(job.tokenizer_type, job.tokenizer_model)
+
+
+def _init_pool_worker(job: _EncodeJob) -> None:
+    # Ctrl-C and SIGTERM are the parent's to handle: it stops the pool and removes the
+    # temp files. Workers inheriting a Python handler would print a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(job)
 
 
 def _encode(raw: RawDocument) -> tuple[list[int], int]:
@@ -118,18 +127,23 @@ def _encode(raw: RawDocument) -> tuple[list[int], int]:
     return ids, raw.nbytes
 
 
-def _encoded(
+@contextmanager
+def _encoder(
     job: _EncodeJob, workers: int, tokenizer: MegatronTokenizerText
-) -> Iterator[tuple[list[int], int]]:
-    """Encoded documents in input order, from a pool when workers > 1."""
+) -> Iterator[Iterator[tuple[list[int], int]]]:
+    """Encoded documents in input order, from a pool when workers > 1.
+
+    A context manager so the pool is forked before any progress-bar thread exists and
+    is terminated as soon as the caller fails, not at garbage collection.
+    """
     raw = read_raw_documents(Path(job.path), job.fmt)
     if workers <= 1:
         _init_worker(job, tokenizer)
-        yield from map(_encode, raw)
+        yield map(_encode, raw)
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(job,)) as pool:
         # imap (not imap_unordered): the dataset keeps the input's document order.
-        yield from pool.imap(_encode, raw, chunksize=IMAP_CHUNKSIZE)
+        yield pool.imap(_encode, raw, chunksize=IMAP_CHUNKSIZE)
 
 
 def preprocess(
@@ -167,24 +181,25 @@ def preprocess(
             staged.bin_path, dtype=DType.optimal_dtype(tokenizer.vocab_size)
         )
         try:
-            with tqdm(
-                total=path.stat().st_size,
-                unit="B",
-                unit_scale=True,
-                desc=f"tokenizing {path.name}",
-                disable=not progress,
-            ) as bar:
-                # closing(): a main-side error must shut the pool down now, not at GC.
-                with closing(_encoded(job, workers, tokenizer)) as encoded:
-                    for ids, nbytes in encoded:
-                        bar.update(nbytes)
-                        if not ids:
-                            skipped += 1
-                            continue
-                        # One sequence per document: GPTDataset reads sequences as documents.
-                        builder.add_document(ids, [len(ids)])
-                        documents += 1
-                        tokens += len(ids)
+            with (
+                _encoder(job, workers, tokenizer) as encoded,
+                tqdm(
+                    total=path.stat().st_size,
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"tokenizing {path.name}",
+                    disable=not progress,
+                ) as bar,
+            ):
+                for ids, nbytes in encoded:
+                    bar.update(nbytes)
+                    if not ids:
+                        skipped += 1
+                        continue
+                    # One sequence per document: GPTDataset reads sequences as documents.
+                    builder.add_document(ids, [len(ids)])
+                    documents += 1
+                    tokens += len(ids)
         finally:
             builder.data_file.close()  # finalize() closes it too; this covers errors
         if documents == 0:
@@ -200,9 +215,7 @@ def preprocess(
     )
 
 
-def iter_documents(
-    input_path: str | os.PathLike, json_key: str = "text"
-) -> Iterable[str]:
+def iter_documents(input_path: str | os.PathLike, json_key: str = "text") -> Iterable[str]:
     """The documents of an input file exactly as ``preprocess`` sees them (empty ones
     included), for checks and tests."""
     path = check_input_file(input_path)

@@ -18,8 +18,9 @@ through a small library class plugged into the same ``MegatronTokenizerText`` sh
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy
 from megatron.core.tokenizers.text.libraries.abstract_tokenizer import (
@@ -56,8 +57,7 @@ class SentencePieceTokenizer(MegatronTokenizerText):
             super().__init__(str(path), {"library": "sentencepiece"})
         except Exception as error:  # sentencepiece raises RuntimeError/OSError on bad files
             raise ValueError(
-                f"sentencepiece tokenizer file {path} could not be read ({error}). "
-                f"Fix: {self.FIX}"
+                f"sentencepiece tokenizer file {path} could not be read ({error}). Fix: {self.FIX}"
             ) from error
         if self.eod < 0:
             raise ValueError(

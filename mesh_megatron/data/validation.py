@@ -46,7 +46,7 @@ def _looks_like_number(text: str) -> bool:
 def _missing_files_error(prefix: str, has_bin: bool, has_idx: bool) -> ValueError:
     for ext in (".bin", ".idx"):
         stem = prefix[: -len(ext)]
-        if prefix.endswith(ext) and (os.path.exists(stem + ".bin") or os.path.exists(stem + ".idx")):
+        if prefix.endswith(ext) and any(os.path.exists(stem + e) for e in (".bin", ".idx")):
             return ValueError(
                 f"data prefix {prefix} ends in {ext}: pass the prefix without the extension, "
                 f"{prefix[: -len(ext)]}"
@@ -58,8 +58,7 @@ def _missing_files_error(prefix: str, has_bin: bool, has_idx: bool) -> ValueErro
         )
     if has_bin:
         return ValueError(
-            f"{prefix}.bin exists but {prefix}.idx is missing (.bin without .idx); "
-            f"{REBUILD_HINT}"
+            f"{prefix}.bin exists but {prefix}.idx is missing (.bin without .idx); {REBUILD_HINT}"
         )
     hint = (
         " (it looks like a weight: give every path a weight, e.g. 0.7 A 0.3 B)"
@@ -84,37 +83,43 @@ def inspect_indexed_dataset(prefix: str | os.PathLike) -> IndexedDatasetInfo:
     with open(idx_path, "rb") as stream:
         head = stream.read(_HEADER.size)
     if len(head) < _HEADER.size:
-        raise ValueError(f"{idx_path} is truncated ({idx_size} bytes, no full header); "
-                         f"{REBUILD_HINT}")
+        raise ValueError(
+            f"{idx_path} is truncated ({idx_size} bytes, no full header); {REBUILD_HINT}"
+        )
     magic, version, code, sequences, documents = _HEADER.unpack(head)
     if magic != _INDEX_MAGIC or version != 1:
-        raise ValueError(f"{idx_path} is not a megatron-core indexed dataset index "
-                         f"(bad header); {REBUILD_HINT}")
+        raise ValueError(
+            f"{idx_path} is not a megatron-core indexed dataset index (bad header); {REBUILD_HINT}"
+        )
     try:
         dtype = DType.dtype_from_code(code)
     except ValueError:
-        raise ValueError(f"{idx_path} has unknown token dtype code {code}; {REBUILD_HINT}")
+        raise ValueError(
+            f"{idx_path} has unknown token dtype code {code}; {REBUILD_HINT}"
+        ) from None
     if sequences == 0:
         raise ValueError(f"{prefix} holds no documents; {REBUILD_HINT} from a non-empty input")
     if documents < 2:  # document indices start with 0, so one document needs two entries
-        raise ValueError(f"{idx_path} is corrupt ({documents} document indices); "
-                         f"{REBUILD_HINT}")
+        raise ValueError(f"{idx_path} is corrupt ({documents} document indices); {REBUILD_HINT}")
 
     lengths_at = _HEADER.size
     pointers_at = lengths_at + 4 * sequences
     doc_indices_at = pointers_at + 8 * sequences
     needed = doc_indices_at + 8 * documents
     if idx_size < needed:
-        raise ValueError(f"{idx_path} is truncated ({idx_size} bytes, its header needs "
-                         f"{needed}); {REBUILD_HINT}")
+        raise ValueError(
+            f"{idx_path} is truncated ({idx_size} bytes, its header needs {needed}); {REBUILD_HINT}"
+        )
     index = numpy.memmap(idx_path, mode="r", dtype=numpy.uint8)
     last_length = int(index[pointers_at - 4 : pointers_at].view(numpy.int32)[0])
     last_pointer = int(index[doc_indices_at - 8 : doc_indices_at].view(numpy.int64)[0])
     last_doc_index = int(index[needed - 8 : needed].view(numpy.int64)[0])
     del index
     if last_doc_index != sequences:
-        raise ValueError(f"{idx_path} is corrupt (document index ends at {last_doc_index}, "
-                         f"not at its {sequences} sequences); {REBUILD_HINT}")
+        raise ValueError(
+            f"{idx_path} is corrupt (document index ends at {last_doc_index}, "
+            f"not at its {sequences} sequences); {REBUILD_HINT}"
+        )
 
     itemsize = numpy.dtype(dtype).itemsize
     expected = last_pointer + last_length * itemsize
@@ -132,7 +137,10 @@ def inspect_indexed_dataset(prefix: str | os.PathLike) -> IndexedDatasetInfo:
 def sequence_lengths(info: IndexedDatasetInfo) -> numpy.ndarray:
     """Token count of every sequence (document), memory-mapped from the .idx."""
     return numpy.memmap(
-        f"{info.prefix}.idx", mode="r", dtype=numpy.int32, offset=_HEADER.size,
+        f"{info.prefix}.idx",
+        mode="r",
+        dtype=numpy.int32,
+        offset=_HEADER.size,
         shape=(info.sequences,),
     )
 

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", default=None, help="directory to write checkpoints to")
     c.add_argument("--load", default=None, help="directory to resume from (its 'latest' checkpoint)")
     c.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
+    c.add_argument("--exit-interval", type=int, default=None,
+                   help="save (if --save) and exit when the iteration is a multiple of N")
     c.add_argument("--keep-last", type=int, default=DEFAULTS.keep_last, help="checkpoints kept on disk")
     c.add_argument("--eval-interval", type=int, default=DEFAULTS.eval_interval,
                    help="validate every N iterations (0: never)")
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg = p.add_argument_group("logging")
     lg.add_argument("--tensorboard-dir", default=None, help="write tensorboard scalars here")
     lg.add_argument("--wandb-project", default=None, help="log to wandb under this project")
+    lg.add_argument("--log-jsonl", default=None, help="append one JSON record per log line to this file")
     lg.add_argument("--wandb-mode", choices=["offline", "online"], default="offline", help="wandb mode")
     return p
 
@@ -170,17 +173,26 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         precision=precision, seed=args.seed, save=args.save, load=args.load,
         save_interval=args.save_interval, keep_last=args.keep_last, eval_interval=args.eval_interval,
         eval_iters=args.eval_iters, log_interval=args.log_interval, nan_policy=args.nan_policy,
-        sample_tokens=args.sample_tokens,
+        sample_tokens=args.sample_tokens, exit_interval=args.exit_interval,
     )
     validate_training(train, dp)
     ds = finalize_ds_config(ds, train, dp, args.ds_config)
 
+    if data.data_path:
+        from mesh_megatron.data.datasets import parse_blend
+        from mesh_megatron.data.validation import inspect_indexed_dataset
+
+        for prefix in parse_blend(data.data_path)[0]:
+            try:
+                inspect_indexed_dataset(prefix)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     if args.load:
         from mesh_megatron.checkpoint.manager import check_model_config, read_latest
 
         check_model_config(args.load, read_latest(args.load), model)
     logging = LoggingConfig(tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
-                            wandb_mode=args.wandb_mode)
+                            wandb_mode=args.wandb_mode, jsonl_path=args.log_jsonl)
     return RunConfig(model=model, parallel=parallel, train=train, data=data, logging=logging,
                      ds_config=ds, ds_config_path=args.ds_config)
 

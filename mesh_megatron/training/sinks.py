@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -13,12 +14,15 @@ class LogSinks:
         self.enabled = is_rank0
         self.tb = None
         self.wandb = None
+        self.jsonl = None
         if not is_rank0:
             return
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(cfg.tensorboard_dir)
+        if cfg.jsonl_path:
+            self.jsonl = open(cfg.jsonl_path, "a")
         if cfg.wandb_project:
             import wandb
 
@@ -32,6 +36,9 @@ class LogSinks:
 
     def scalars(self, step: int, values: dict[str, Optional[float]]) -> None:
         values = {k: v for k, v in values.items() if v is not None}
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
         if self.tb:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
@@ -39,6 +46,8 @@ class LogSinks:
             self.wandb.log(values, step=step)
 
     def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
         if self.tb:
             self.tb.close()
         if self.wandb:

@@ -194,6 +194,7 @@ class Trainer:
         while self.iteration < t.train_iters:
             loss, skipped = self.train_step()
             window_iters += 1
+            self.sinks.scalars(self.iteration, {"train/step_loss": loss})
             history.setdefault("loss_first", loss)
             history["loss_last"] = loss
             if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
@@ -218,6 +219,8 @@ class Trainer:
                 window_start, window_iters = time.time(), 0
             if t.eval_interval and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):
                 history["valid_loss"] = self._log_eval()
+            if t.exit_interval and self.iteration % t.exit_interval == 0:
+                break
             if checkpoints.save_dir and t.save_interval and self.iteration % t.save_interval == 0 \
                     and self.iteration != t.train_iters:
                 self._save(checkpoints)
