@@ -1,0 +1,113 @@
+"""Bad input to pretrain_mesh.py: one clear line each, before any expensive work, nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mesh_megatron.config import ConfigError
+from mesh_megatron.training import arguments
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """A real indexed dataset (.bin/.idx) written with megatron-core's builder."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "data")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for n in (50, 60, 70):
+        builder.add_document(np.arange(n, dtype=np.int32) % 100, [n])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def parse(argv, world=1):
+    return arguments.parse(["--ds_config", os.path.join(ROOT, "examples/zero2.json")] + argv, world_size=world)
+
+
+def test_defaults_parse():
+    run = parse([])
+    assert run.train.global_batch_size == 16 and run.ds_config["gradient_accumulation_steps"] == 2
+    assert run.model.vocab_size == 4096  # the embedded tokenizer's vocabulary
+
+
+def test_bad_inputs_each_give_one_clear_error(tmp_path, tiny_dataset):
+    sp = os.path.join(ROOT, "mesh_megatron/data/corpus/tokenizer.model")
+    data = ["--tokenizer-type", "sentencepiece", "--tokenizer-model", sp]
+    truncated = str(tmp_path / "trunc")
+    with open(tiny_dataset + ".bin", "rb") as f:
+        payload = f.read()
+    open(truncated + ".bin", "wb").write(payload[:-40])
+    open(truncated + ".idx", "wb").write(open(tiny_dataset + ".idx", "rb").read())
+    idx_only = str(tmp_path / "idxonly")
+    open(idx_only + ".idx", "wb").write(open(tiny_dataset + ".idx", "rb").read())
+    small_vocab = write(tmp_path / "small.yaml", "preset: tiny\nvariant: mesh\nvocab_size: 100\n")
+    mismatch = write(tmp_path / "mismatch.json", json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
+    not_json = write(tmp_path / "bad.json", "{stage: 2,}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--data-path", str(tmp_path / "nope")] + data, "nope"),
+        (["--data-path", idx_only] + data, ".bin"),
+        (["--data-path", truncated] + data, "truncated|size"),
+        (["--config", small_vocab], r"tokenizer vocab \(4096\) is larger than the model's padded vocab \(128"),
+        (["--ds_config", mismatch, "--global-batch-size", "16"], "batch sizes disagree: .* train_batch_size=32 but --global-batch-size is 16"),
+        (["--ds_config", not_json], "is not JSON"),
+        (["--load", str(empty)], "holds no checkpoint"),
+        (["--tensor-model-parallel-size", "2"], "larger than the world size 1"),
+        (["--layout", "2+2x2+2"], "malformed"),
+        (["--global-batch-size", "10", "--micro-batch-size", "4"], "not a multiple of micro-batch 4"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            parse(argv + ["--save", str(tmp_path / "out")])
+        assert not (tmp_path / "out").exists(), argv
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    from mesh_megatron.checkpoint.manager import CONFIG_FILE, LATEST
+    import dataclasses
+    from mesh_megatron.config import preset
+
+    (tmp_path / "iter_0000005").mkdir()
+    cfg = dataclasses.replace(preset("tiny", "base"), vocab_size=4096)
+    (tmp_path / "iter_0000005" / CONFIG_FILE).write_text(json.dumps({"model": dataclasses.asdict(cfg)}))
+    (tmp_path / LATEST).write_text("iter_0000005")
+    parse(["--variant", "base", "--load", str(tmp_path)])  # same model: accepted
+    with pytest.raises(ConfigError, match="different model config .*variant: checkpoint 'base' vs run 'mesh'"):
+        parse(["--variant", "mesh", "--load", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "pythia-7b"], "invalid choice: 'pythia-7b'"),
+    (["--variant", "anchorr"], "invalid choice: 'anchorr'"),
+])
+def test_unknown_preset_or_variant(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_a_message_or_skips(tmp_path):
+    """A real non-finite loss (weights initialised with std 1e30), through the whole script."""
+    cfg = write(tmp_path / "huge.yaml", "preset: tiny\nvariant: mesh\ninit_std: 1.0e+30\n")
+    base = [sys.executable, "pretrain_mesh.py", "--ds_config", "examples/zero0.json", "--config", cfg,
+            "--train-iters", "2", "--eval-interval", "0", "--sample-tokens", "0", "--seq-length", "32"]
+    stop = subprocess.run(base + ["--save", str(tmp_path / "ck")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert stop.returncode == 2
+    assert "error: loss is nan at iteration 1: stopping" in stop.stderr
+    assert not (tmp_path / "ck").exists()
+    skip = subprocess.run(base + ["--nan-policy", "skip"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert skip.returncode == 0, skip.stderr[-2000:]
+    assert "micro-batch skipped (--nan-policy skip)" in skip.stdout
