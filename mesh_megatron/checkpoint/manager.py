@@ -3,7 +3,8 @@
 Layout of a save directory:
 
     SAVE/iter_0000010/          DeepSpeed's files (model states per TP rank, ZeRO shards)
-    SAVE/iter_0000010/mesh_config.json   the model config, written last inside the tag
+    SAVE/iter_0000010/tokenizer/          a copy of the run's tokenizer file
+    SAVE/iter_0000010/mesh_config.json   model config, parallel sizes, tokenizer; written last
     SAVE/latest                 the tag of the newest *complete* checkpoint
 
 A save writes its tag directory, then (rank 0) replaces `latest` with an atomic rename.
@@ -22,7 +23,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from mesh_megatron.config import ConfigError, ModelConfig
+from mesh_megatron.config import ConfigError, ModelConfig, ParallelConfig
 
 LATEST = "latest"
 CONFIG_FILE = "mesh_config.json"
@@ -72,9 +73,13 @@ def check_model_config(load_dir: str, tag: str, model: ModelConfig) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, save_dir: Optional[str], keep_last: int):
+    def __init__(self, save_dir: Optional[str], keep_last: int, parallel: ParallelConfig,
+                 tokenizer_type: str, tokenizer_file: str):
         self.save_dir = save_dir
         self.keep_last = keep_last
+        self.parallel = parallel
+        self.tokenizer_type = tokenizer_type
+        self.tokenizer_file = tokenizer_file
 
     def _tags(self) -> list[str]:
         return sorted(t for t in os.listdir(self.save_dir) if _TAG_RE.match(t))
@@ -99,8 +104,14 @@ class CheckpointManager:
         if os.environ.get(FAULT_ENV) == f"kill_during_save:{iteration}" and rank0:
             os.kill(os.getpid(), 9)
         if rank0:
-            _write_atomic(os.path.join(self.save_dir, tag, CONFIG_FILE),
-                          json.dumps({"model": dataclasses.asdict(model), "iteration": iteration}, indent=1))
+            tok_dir = os.path.join(self.save_dir, tag, "tokenizer")
+            os.makedirs(tok_dir, exist_ok=True)
+            tok_name = os.path.basename(self.tokenizer_file)
+            shutil.copyfile(self.tokenizer_file, os.path.join(tok_dir, tok_name))
+            meta = {"model": dataclasses.asdict(model), "iteration": iteration,
+                    "parallel": dataclasses.asdict(self.parallel),
+                    "tokenizer": {"type": self.tokenizer_type, "file": f"tokenizer/{tok_name}"}}
+            _write_atomic(os.path.join(self.save_dir, tag, CONFIG_FILE), json.dumps(meta, indent=1))
             _write_atomic(os.path.join(self.save_dir, LATEST), tag)
             for old in self._tags()[:-self.keep_last]:
                 shutil.rmtree(os.path.join(self.save_dir, old), ignore_errors=True)

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a non-finite loss: stop with a message, or skip that micro-batch")
 
     c = p.add_argument_group("checkpoints and evaluation")
-    c.add_argument("--save", default=None, help="directory to write checkpoints to")
+    c.add_argument("--save", default=None,
+                   help=f"directory to write checkpoints to (embedded default: {EMBEDDED_DEFAULT_SAVE})")
     c.add_argument("--load", default=None, help="directory to resume from (its 'latest' checkpoint)")
     c.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
     c.add_argument("--exit-interval", type=int, default=None,
@@ -101,6 +102,18 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
         return load_model_config(args.config, **overrides)
     return preset(args.preset, args.variant, args.layout,
                   **{k: v for k, v in overrides.items() if v is not None})
+
+
+EMBEDDED_DEFAULT_SAVE = "checkpoints/embedded-default"
+
+
+def tokenizer_source(data: DataConfig) -> tuple[str, str]:
+    """(type, file) of this run's tokenizer: the given one or the embedded sentencepiece model."""
+    from mesh_megatron.data.embedded import EMBEDDED_TOKENIZER_MODEL
+
+    if data.tokenizer_model:
+        return data.tokenizer_type or "sentencepiece", data.tokenizer_model
+    return "sentencepiece", str(EMBEDDED_TOKENIZER_MODEL)
 
 
 def run_tokenizer(data: DataConfig):
@@ -170,7 +183,8 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         micro_batch_size=micro, global_batch_size=global_, train_iters=args.train_iters, lr=args.lr,
         min_lr=args.min_lr, lr_warmup_fraction=args.lr_warmup_fraction, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
-        precision=precision, seed=args.seed, save=args.save, load=args.load,
+        precision=precision, seed=args.seed,
+        save=args.save or (None if args.data_path else EMBEDDED_DEFAULT_SAVE), load=args.load,
         save_interval=args.save_interval, keep_last=args.keep_last, eval_interval=args.eval_interval,
         eval_iters=args.eval_iters, log_interval=args.log_interval, nan_policy=args.nan_policy,
         sample_tokens=args.sample_tokens, exit_interval=args.exit_interval,

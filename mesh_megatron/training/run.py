@@ -67,7 +67,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         trainer = Trainer(run, datasets, tokenizer)
         if run.train.load:
             trainer.resume(run.train.load, read_latest(run.train.load))
-        checkpoints = CheckpointManager(run.train.save, run.train.keep_last)
+        from mesh_megatron.training.arguments import tokenizer_source
+
+        checkpoints = CheckpointManager(run.train.save, run.train.keep_last, run.parallel,
+                                        *tokenizer_source(run.data))
         try:
             trainer.fit(checkpoints)
         except NonFiniteLoss as e:

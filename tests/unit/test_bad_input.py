@@ -108,6 +108,6 @@ def test_nan_loss_stops_with_a_message_or_skips(tmp_path):
     assert stop.returncode == 2
     assert "error: loss is nan at iteration 1: stopping" in stop.stderr
     assert not (tmp_path / "ck").exists()
-    skip = subprocess.run(base + ["--nan-policy", "skip"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    skip = subprocess.run(base + ["--nan-policy", "skip", "--save", str(tmp_path / "ck2")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert skip.returncode == 0, skip.stderr[-2000:]
     assert "micro-batch skipped (--nan-policy skip)" in skip.stdout
