@@ -189,6 +189,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Compute layers per pipeline stage (the looped core counts C*K); None = balanced by compute.
+    pipeline_split: Optional[list[int]] = None
 
 
 # --------------------------------------------------------------------------------------
@@ -384,6 +386,11 @@ def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig]
         fp16=params_dtype == torch.float16,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         sequence_parallel=False,
+        # Pipeline p2p: activations travel in the params dtype; one send/recv at a time
+        # (batched isend/irecv gave wrong gradients on gloo with interleaving).
+        pipeline_dtype=params_dtype,
+        batch_p2p_comm=False,
+        deallocate_pipeline_outputs=False,
         # megatron's fused bias-GELU is the tanh approximation: keep it off for exactness.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

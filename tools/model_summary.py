@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "overrides --preset/--variant/--layout")
     p.add_argument("--seq-length", type=int, default=None,
                    help="sequence length for the attention FLOPs term (default: the preset's)")
+    p.add_argument("--pipeline", type=int, default=None,
+                   help="also print the automatic stage split for N pipeline stages (compute shares, bubble)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p.parse_args(argv)
 
@@ -39,6 +41,7 @@ def summarize(args: argparse.Namespace) -> dict:
     from mesh_megatron.model.accounting import ParameterCounts, training_flops_per_token
     from mesh_megatron.parallel.initialize import initialize_distributed
     from mesh_megatron.config import ParallelConfig
+    from mesh_megatron.parallel.pipeline_layout import build_layout
 
     if args.config:
         cfg = load_model_config(args.config)
@@ -61,6 +64,7 @@ def summarize(args: argparse.Namespace) -> dict:
         "hidden_size": cfg.hidden_size,
         "padded_vocab_size": cfg.padded_vocab_size(),
         "seq_length": args.seq_length or cfg.seq_length,
+        **({"pipeline": build_layout(cfg, args.pipeline).report()} if args.pipeline else {}),
     }
 
 
@@ -76,6 +80,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
+    pipeline = summary.pop("pipeline", None)
     rows = [
         ("variant", summary["variant"]), ("layout", summary["layout"]),
         ("mesh slots", summary["mesh_slots"]), ("hidden", summary["hidden_size"]),
@@ -89,6 +94,9 @@ def main(argv=None) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    if pipeline:
+        print(f"pipeline split over {args.pipeline} stages (automatic, by compute):")
+        print(pipeline)
     return 0
 
 

@@ -72,6 +72,20 @@ def check_model_config(load_dir: str, tag: str, model: ModelConfig) -> None:
                           "pass the same --preset/--variant/--layout/--config as the run that saved it")
 
 
+def check_parallel_layout(load_dir: str, tag: str, parallel: ParallelConfig) -> None:
+    """DeepSpeed's files are per model-parallel rank: resuming needs the same TP and PP."""
+    with open(os.path.join(load_dir, tag, CONFIG_FILE)) as f:
+        saved = json.load(f).get("parallel", {})
+    ours = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    theirs = (saved.get("tensor_model_parallel_size", 1), saved.get("pipeline_model_parallel_size", 1))
+    if ours != theirs:
+        raise ConfigError(
+            f"--load {load_dir}/{tag} was saved with TP={theirs[0]} PP={theirs[1]} but this run uses "
+            f"TP={ours[0]} PP={ours[1]}: run with the saved sizes, or convert the weights first with "
+            f"`python tools/convert_checkpoint.py --load {load_dir} --save NEW_DIR` (weights only; "
+            "the optimizer state restarts) and --load NEW_DIR")
+
+
 class CheckpointManager:
     def __init__(self, save_dir: Optional[str], keep_last: int, parallel: ParallelConfig,
                  tokenizer_type: str, tokenizer_file: str):
@@ -120,8 +134,18 @@ class CheckpointManager:
 
     @staticmethod
     def load(engine, load_dir: str, tag: str) -> dict[str, Any]:
-        path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+        """Resume a run; or, for a weights-only checkpoint (an import, see writer.py), load the
+        module weights alone and return {"weights_only": True}: fresh optimizer, iteration 0."""
+        weights_only = is_weights_only(load_dir, tag)
+        path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=not weights_only,
+                                                    load_lr_scheduler_states=not weights_only,
+                                                    load_module_only=weights_only)
         if path is None:
             raise ConfigError(f"--load {load_dir}/{tag}: DeepSpeed could not read the checkpoint")
-        return client_state
+        return {"weights_only": True} if weights_only else client_state
+
+
+def is_weights_only(load_dir: str, tag: str) -> bool:
+    """True for checkpoints that hold module weights only (mesh_config.json "weights_only")."""
+    with open(os.path.join(load_dir, tag, CONFIG_FILE)) as f:
+        return bool(json.load(f).get("weights_only", False))

@@ -11,6 +11,10 @@
 blocks (`core` then holds C*K layers, block t = layers t*C .. t*C+C-1) with the MeSH
 buffer between them. Layer numbers (1-based, as megatron counts) follow unique layers:
 prelude, core, coda, the same order the export uses.
+
+Under pipeline parallelism a block holds only its stage's pieces (parallel/pipeline_layout).
+Prelude and coda layers are keyed by their global index (`prelude.5` is prelude layer 5 on
+whichever stage owns it), so every stage's parameter names are the full model's names.
 """
 
 from __future__ import annotations
@@ -31,25 +35,30 @@ StateObserver = Callable[[str, Tensor], None]
 
 
 class RecursiveBlock(MegatronModule):
-    def __init__(self, config: ModelConfig, tf_config: TransformerConfig, layer_spec: ModuleSpec):
+    def __init__(self, config: ModelConfig, tf_config: TransformerConfig, layer_spec: ModuleSpec,
+                 prelude: Optional[list[int]] = None, has_core: bool = True,
+                 coda: Optional[list[int]] = None):
+        """`prelude`/`coda`: the global layer indices this stage holds (default: all);
+        `has_core`: whether the looped core (and its state passing) lives here."""
         super().__init__(config=tf_config)
         self.model_config = config
         layout = config.parsed_layout
         self.loops = layout.loops
         self.core_layers = layout.core
         n_core = layout.core * (1 if config.core_shared else layout.loops)
-        counts = (layout.prelude, n_core, layout.coda)
-        offsets = (0, counts[0], counts[0] + counts[1])
+        prelude = list(range(layout.prelude)) if prelude is None else prelude
+        coda = list(range(layout.coda)) if coda is None else coda
 
-        def stack(count: int, offset: int) -> nn.ModuleList:
-            return nn.ModuleList(
-                build_module(layer_spec, config=tf_config, layer_number=offset + i + 1) for i in range(count)
-            )
+        def layer(number: int) -> nn.Module:
+            return build_module(layer_spec, config=tf_config, layer_number=number)
 
-        self.prelude = stack(counts[0], offsets[0])
-        self.core = stack(counts[1], offsets[1])
-        self.coda = stack(counts[2], offsets[2])
-        self.state_passing = build_state_passing(config) if layout.is_looped else None
+        self.prelude = nn.ModuleDict({str(i): layer(i + 1) for i in prelude})
+        has_core = has_core and layout.is_looped
+        core_offset = layout.prelude
+        self.core = nn.ModuleList(layer(core_offset + i + 1) for i in range(n_core if has_core else 0))
+        coda_offset = layout.prelude + n_core
+        self.coda = nn.ModuleDict({str(i): layer(coda_offset + i + 1) for i in coda})
+        self.state_passing = build_state_passing(config) if has_core else None
 
     def core_block(self, t: int) -> nn.ModuleList:
         """The layers applied in iteration t: the shared core, or block t when unshared."""
@@ -63,10 +72,11 @@ class RecursiveBlock(MegatronModule):
             h = layer(h, rotary_pos_emb, attention_mask)
         return h
 
-    def forward(self, h_emb: Tensor, rotary_pos_emb: Tensor, attention_mask: Optional[Tensor] = None,
-                observe: Optional[StateObserver] = None) -> Tensor:
-        # h_emb: [s, b, h] scaled token embeddings.
-        h = self._run(self.prelude, h_emb, rotary_pos_emb, attention_mask)
+    def forward(self, hidden: Tensor, h_emb: Optional[Tensor], rotary_pos_emb: Tensor,
+                attention_mask: Optional[Tensor] = None, observe: Optional[StateObserver] = None) -> Tensor:
+        # hidden: [s, b, h] entering this stage (on the first stage: h_emb itself);
+        # h_emb: the scaled embeddings, needed where the core reads them (else may be None).
+        h = self._run(self.prelude.values(), hidden, rotary_pos_emb, attention_mask)
         if self.state_passing is not None:
             if observe:
                 observe("h_pre", h)
@@ -78,4 +88,4 @@ class RecursiveBlock(MegatronModule):
                 h, carry = self.state_passing.step(t, h, y, carry)
                 if observe:
                     observe(f"h{t + 1}", h)
-        return self._run(self.coda, h, rotary_pos_emb, attention_mask)
+        return self._run(self.coda.values(), h, rotary_pos_emb, attention_mask)

@@ -68,6 +68,18 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+class _TorchWithCpuDefault:
+    """`torch` as seen by megatron's pipeline schedules, where the running token count is
+    allocated with device="cuda": that allocation lands on CPU; everything else is torch."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
 def apply() -> None:
     """Install the CPU shims once, only when CUDA is unavailable."""
     global _APPLIED
@@ -84,6 +96,10 @@ def apply() -> None:
     from megatron.core.fusions import fused_softmax
 
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    # Pipeline schedules allocate their token counter with device="cuda".
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchWithCpuDefault()
     # Schedules and timers call torch.cuda.synchronize(); there is nothing to wait for on CPU.
     torch.cuda.synchronize = lambda *args, **kwargs: None
     _APPLIED = True

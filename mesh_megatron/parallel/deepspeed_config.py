@@ -14,6 +14,7 @@ from typing import Any, Optional
 from mesh_megatron.config import ConfigError, TrainingConfig, gradient_accumulation_steps
 
 SUPPORTED_ZERO_STAGES = (0, 1, 2)
+PIPELINE_ZERO_STAGES = (0, 1)
 
 
 def load_ds_config(path: str) -> dict[str, Any]:
@@ -72,18 +73,33 @@ def resolve_batch(ds: dict[str, Any], micro: Optional[int], global_: Optional[in
 
 
 def finalize_ds_config(ds: dict[str, Any], train: TrainingConfig, data_parallel_size: int,
-                       path: str) -> dict[str, Any]:
-    """The dict handed to deepspeed.initialize: batch, precision and clipping filled in."""
+                       path: str, pipeline_stages: int = 1) -> dict[str, Any]:
+    """The dict handed to deepspeed.initialize: batch, precision and clipping filled in.
+
+    With pipeline parallelism megatron-core's schedule runs all micro-batches of a step
+    (forward and backward); DeepSpeed then sees one "micro-batch" of micro x grad-accum
+    samples per data-parallel rank and reduces/steps once.
+    """
     stage = zero_stage(ds)
-    if stage not in SUPPORTED_ZERO_STAGES:
-        raise ConfigError(
-            f"{path}: ZeRO stage {stage} is not supported with megatron-core tensor-parallel "
-            f"layers here; supported stages: {', '.join(map(str, SUPPORTED_ZERO_STAGES))}"
-        )
+    supported = SUPPORTED_ZERO_STAGES if pipeline_stages == 1 else PIPELINE_ZERO_STAGES
+    if stage not in supported:
+        why = ("with megatron-core tensor-parallel layers here" if pipeline_stages == 1 else
+               "with pipeline parallelism (ZeRO-2 reduces gradients in backward hooks that the "
+               "pipeline schedule's own backward bypasses)")
+        raise ConfigError(f"{path}: ZeRO stage {stage} is not supported {why}; "
+                          f"supported stages: {', '.join(map(str, supported))}")
+    if pipeline_stages > 1 and train.precision != "fp32":
+        raise ConfigError("pipeline parallelism is supported in fp32 only for now: drop --bf16/--fp16 "
+                          "or use --pipeline-model-parallel-size 1")
     ds = copy.deepcopy(ds)
-    ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    accum = gradient_accumulation_steps(train, data_parallel_size)
+    if pipeline_stages > 1:
+        ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size * accum
+        ds["gradient_accumulation_steps"] = 1
+    else:
+        ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+        ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = train.global_batch_size
-    ds["gradient_accumulation_steps"] = gradient_accumulation_steps(train, data_parallel_size)
     ds["gradient_clipping"] = train.clip_grad
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": train.precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": train.precision == "fp16"}

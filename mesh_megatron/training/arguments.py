@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel ranks (megatron-core)")
-    par.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="pipeline stages (only 1 today)")
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                     help="pipeline stages (megatron-core 1F1B schedule; the looped core stays on one stage)")
+    par.add_argument("--pipeline-split", default=None,
+                     help="compute layers per stage, e.g. 4,16,4 (the core counts C*K); default: balanced")
     par.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="examples/zero2.json",
                      help="DeepSpeed JSON config (ZeRO stage, bf16...)")
     par.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay")
     t.add_argument("--adam-beta1", type=float, default=DEFAULTS.adam_beta1, help="AdamW beta1")
     t.add_argument("--adam-beta2", type=float, default=DEFAULTS.adam_beta2, help="AdamW beta2")
+    t.add_argument("--adam-eps", type=float, default=DEFAULTS.adam_eps, help="AdamW epsilon")
     t.add_argument("--clip-grad", type=float, default=DEFAULTS.clip_grad, help="gradient-norm clipping")
     t.add_argument("--bf16", action="store_true", help="bf16 weights and activations (GPU, and CPU)")
     t.add_argument("--fp16", action="store_true", help="fp16 with loss scaling (GPU only)")
@@ -156,10 +160,10 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
 
     args = build_parser().parse_args(argv)
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    if parallel.pipeline_model_parallel_size != 1:
-        raise ConfigError("--pipeline-model-parallel-size > 1 is not supported yet: use 1 "
-                          "(tensor parallelism and ZeRO data parallelism are)")
+    from mesh_megatron.parallel.pipeline_layout import build_layout, parse_split
+
+    parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                              parse_split(args.pipeline_split))
     if parallel.tensor_model_parallel_size > world:
         raise ConfigError(f"--tensor-model-parallel-size {parallel.tensor_model_parallel_size} is larger "
                           f"than the world size {world}: launch at least that many ranks or lower it")
@@ -171,6 +175,7 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         data_path=list(args.data_path), split=args.split, tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model, cache_dir=args.data_cache_dir)), args.config, parallel)
     validate(model, parallel, world)
+    build_layout(model, parallel.pipeline_model_parallel_size, parallel.pipeline_split)  # refuses bad splits
     dp = world // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)
 
     ds = load_ds_config(args.ds_config)
@@ -182,7 +187,7 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
     train = TrainingConfig(
         micro_batch_size=micro, global_batch_size=global_, train_iters=args.train_iters, lr=args.lr,
         min_lr=args.min_lr, lr_warmup_fraction=args.lr_warmup_fraction, weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         precision=precision, seed=args.seed,
         save=args.save or (None if args.data_path else EMBEDDED_DEFAULT_SAVE), load=args.load,
         save_interval=args.save_interval, keep_last=args.keep_last, eval_interval=args.eval_interval,
@@ -190,7 +195,7 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         sample_tokens=args.sample_tokens, exit_interval=args.exit_interval,
     )
     validate_training(train, dp)
-    ds = finalize_ds_config(ds, train, dp, args.ds_config)
+    ds = finalize_ds_config(ds, train, dp, args.ds_config, parallel.pipeline_model_parallel_size)
 
     if data.data_path:
         from mesh_megatron.data.datasets import parse_blend
@@ -202,9 +207,11 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
             except ValueError as e:
                 raise ConfigError(str(e)) from None
     if args.load:
-        from mesh_megatron.checkpoint.manager import check_model_config, read_latest
+        from mesh_megatron.checkpoint.manager import check_model_config, check_parallel_layout, read_latest
 
-        check_model_config(args.load, read_latest(args.load), model)
+        tag = read_latest(args.load)
+        check_model_config(args.load, tag, model)
+        check_parallel_layout(args.load, tag, parallel)
     logging = LoggingConfig(tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
                             wandb_mode=args.wandb_mode, jsonl_path=args.log_jsonl)
     return RunConfig(model=model, parallel=parallel, train=train, data=data, logging=logging,

@@ -75,7 +75,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             trainer.fit(checkpoints)
         except NonFiniteLoss as e:
             return fail(str(e))
-        if run.train.sample_tokens:
+        if run.train.sample_tokens and run.parallel.pipeline_model_parallel_size > 1:
+            trainer.sinks.print("greedy sample skipped: it runs without pipeline parallelism")
+        elif run.train.sample_tokens:
             text = trainer.greedy_sample("The", run.train.sample_tokens)
             trainer.sinks.print(f"greedy sample: {text!r}")
         return 0

@@ -66,7 +66,7 @@ class Trainer:
         import deepspeed
         from megatron.core import parallel_state as ps
 
-        from mesh_megatron.parallel.mpu import MegatronMPU
+        from mesh_megatron.parallel.mpu import MegatronMPU, mark_replicated_parameters
 
         self.run, self.tokenizer = run, tokenizer
         self.train_ds, self.valid_ds = datasets
@@ -79,7 +79,18 @@ class Trainer:
                                             "train": dataclasses.asdict(run.train)}, self.rank0)
 
         tf_config = to_transformer_config(self.cfg, run.parallel)
-        model = MeshGPTModel(self.cfg, tf_config)
+        self.pipelined = run.parallel.pipeline_model_parallel_size > 1
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.stage = None
+        if self.pipelined:
+            from mesh_megatron.parallel.pipeline_layout import build_layout
+
+            self.pipeline = build_layout(self.cfg, run.parallel.pipeline_model_parallel_size,
+                                         run.parallel.pipeline_split)
+            self.stage = self.pipeline.stages[ps.get_pipeline_model_parallel_rank()]
+        model = MeshGPTModel(self.cfg, tf_config, stage=self.stage, init_seed=self.train.seed)
+        if self.pipelined:
+            mark_replicated_parameters(model)
         self.counts = ParameterCounts.of(model)
         optimizer = adamw(model, self.train)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -105,8 +116,66 @@ class Trainer:
         # Touches every parameter with a zero gradient, so ZeRO's reduce hooks still fire.
         return sum(p.sum() * 0.0 for p in self.engine.module.parameters())
 
+    # ---------------------------------------------------------------- pipeline step
+    def _adjust_shapes(self, recv_shapes, send_shapes):
+        """[s, b, h] between stages, [s, b, 2h] while the embeddings ride along."""
+        (s, b, h), = recv_shapes
+        recv = [(s, b, 2 * h if self.stage.receives_embeddings else h)]
+        send = [(s, b, 2 * h if self.stage.sends_embeddings else h)]
+        return recv, send
+
+    def _run_pipeline(self, batches: list, forward_only: bool) -> tuple[float, float]:
+        """megatron-core's 1F1B schedule over `batches`; (loss sum, micro-batch count) on the
+        last stage, summed over the pipeline group so every stage knows the loss."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            tokens, labels, mask = next(data_iterator)
+            out = model(tokens, labels=labels if model.post_process else None)
+
+            def loss_func(per_token):  # [b, s] -> masked mean of this micro-batch
+                loss = (per_token * mask).sum() / mask.sum().clamp_min(1)
+                return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
+
+            return out, loss_func
+
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[self.engine.module],
+            num_microbatches=len(batches), seq_length=self.cfg.seq_length,
+            micro_batch_size=self.train.micro_batch_size, forward_only=forward_only,
+            adjust_tensor_shapes_fn=self._adjust_shapes)
+        total = torch.tensor([sum(r["loss"].item() for r in results), float(len(results))], dtype=torch.float64)
+        dist.all_reduce(total, group=self.pp_group)
+        return total[0].item(), total[1].item()
+
+    def _pipeline_train_step(self) -> tuple[float, int]:
+        batches = [collate(self.train_ds, idx) for idx in micro_batch_indices(
+            self.iteration, self.train.micro_batch_size, self.train.global_batch_size,
+            self.dp_rank, self.dp_size, len(self.train_ds))]
+        total, count = self._run_pipeline(batches, forward_only=False)
+        skipped = 0
+        if not self._all_finite(torch.tensor(total)):
+            if self.train.nan_policy == "stop":
+                raise NonFiniteLoss(f"loss is {total / count} at iteration {self.iteration + 1}: stopping "
+                                    "(lower --lr, check the data, or pass --nan-policy skip)")
+            self.sinks.print(f"warning: non-finite loss at iteration {self.iteration + 1}; step skipped "
+                             "(--nan-policy skip)")
+            for p in self.engine.module.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+            skipped, total = len(batches), 0.0
+        # The schedule ran backward itself; hand the gradients to DeepSpeed's reduction and step.
+        self.engine.allreduce_gradients()
+        self.engine.step()
+        self.iteration += 1
+        mean = torch.tensor([total, count - skipped], dtype=torch.float64)
+        dist.all_reduce(mean, group=self.dp_group)
+        return (mean[0] / mean[1]).item() if mean[1] else float("nan"), skipped
+
     def train_step(self) -> tuple[float, int]:
         """One optimizer step over all micro-batches; (mean loss, skipped micro-batches)."""
+        if self.pipelined:
+            return self._pipeline_train_step()
         self.engine.train()
         total, skipped, count = 0.0, 0, 0
         for indices in micro_batch_indices(self.iteration, self.train.micro_batch_size,
@@ -133,14 +202,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean validation loss over the same held-out micro-batches every time."""
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        batches = []
         for i in range(self.train.eval_iters):
             start = (i * self.dp_size + self.dp_rank) * self.train.micro_batch_size
-            indices = [(start + j) % len(self.valid_ds) for j in range(self.train.micro_batch_size)]
-            tokens, labels, mask = collate(self.valid_ds, indices)
-            losses = self.engine(tokens, labels=labels)
-            total += torch.tensor([(losses * mask).sum().item(), mask.sum().item()], dtype=torch.float64)
+            batches.append(collate(self.valid_ds, [(start + j) % len(self.valid_ds)
+                                                   for j in range(self.train.micro_batch_size)]))
+        if self.pipelined:
+            total = torch.tensor(self._run_pipeline(batches, forward_only=True), dtype=torch.float64)
+        else:
+            total = torch.zeros(2, dtype=torch.float64)
+            for tokens, labels, mask in batches:
+                losses = self.engine(tokens, labels=labels)
+                total += torch.tensor([((losses * mask).sum() / mask.sum()).item(), 1.0], dtype=torch.float64)
         dist.all_reduce(total, group=self.dp_group)
         self.engine.train()
         return (total[0] / total[1]).item()
@@ -155,6 +230,10 @@ class Trainer:
         from mesh_megatron.checkpoint.manager import CheckpointManager
 
         state = CheckpointManager.load(self.engine, load_dir, tag)
+        if state.get("weights_only"):  # an imported model: new run from its weights
+            self.sinks.print(f"initialised weights from {load_dir}/{tag} (weights only: fresh optimizer, "
+                             "iteration 0)")
+            return
         self.iteration = int(state["iteration"])
         _set_rng_state(state["rng"])
         self.sinks.print(f"resumed from {load_dir}/{tag}: iteration {self.iteration}, "
@@ -189,6 +268,8 @@ class Trainer:
             f"ZeRO stage {self.run.ds_config.get('zero_optimization', {}).get('stage', 0)}; {t.precision}")
         history: dict[str, float] = {}
         window_start, window_iters = time.time(), 0
+        if self.pipelined:
+            self.sinks.print("pipeline stages (by compute):\n" + self.pipeline.report(accum))
         if self.iteration == 0 and t.eval_interval:
             history["valid_loss_start"] = self._log_eval()
         while self.iteration < t.train_iters:
