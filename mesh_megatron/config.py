@@ -434,6 +434,7 @@ class TrainingConfig:
     log_interval: int = 10
     nan_policy: str = "stop"  # "stop": exit with a message; "skip": drop the step and go on
     sample_tokens: int = 48  # greedy sample printed at the end (0: none)
+    sample_prompt: str = "Return the"
     exit_interval: Optional[int] = None  # save and exit when iteration % N == 0 (Megatron's flag)
 
 

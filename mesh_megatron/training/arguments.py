@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate every N iterations (0: never)")
     c.add_argument("--eval-iters", type=int, default=DEFAULTS.eval_iters, help="micro-batches per validation")
     c.add_argument("--log-interval", type=int, default=DEFAULTS.log_interval, help="iterations per log line")
+    c.add_argument("--sample-prompt", default=DEFAULTS.sample_prompt, help="prompt of the greedy sample")
     c.add_argument("--sample-tokens", type=int, default=DEFAULTS.sample_tokens,
                    help="greedy sample length printed at the end (0: none)")
 
@@ -192,7 +193,7 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         save=args.save or (None if args.data_path else EMBEDDED_DEFAULT_SAVE), load=args.load,
         save_interval=args.save_interval, keep_last=args.keep_last, eval_interval=args.eval_interval,
         eval_iters=args.eval_iters, log_interval=args.log_interval, nan_policy=args.nan_policy,
-        sample_tokens=args.sample_tokens, exit_interval=args.exit_interval,
+        sample_tokens=args.sample_tokens, sample_prompt=args.sample_prompt, exit_interval=args.exit_interval,
     )
     validate_training(train, dp)
     ds = finalize_ds_config(ds, train, dp, args.ds_config, parallel.pipeline_model_parallel_size)

@@ -78,7 +78,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if run.train.sample_tokens and run.parallel.pipeline_model_parallel_size > 1:
             trainer.sinks.print("greedy sample skipped: it runs without pipeline parallelism")
         elif run.train.sample_tokens:
-            text = trainer.greedy_sample("The", run.train.sample_tokens)
+            text = trainer.greedy_sample(run.train.sample_prompt, run.train.sample_tokens)
             trainer.sinks.print(f"greedy sample: {text!r}")
         return 0
     finally:
