@@ -131,7 +131,7 @@ def _is_prose(paragraph: str) -> bool:
         return False
     if sum(bool(_CODE_LINE.match(line)) for line in lines) > MAX_CODE_LINE_FRACTION * len(lines):
         return False
-    if "::=" in paragraph or "\t" in paragraph:
+    if "::=" in paragraph:  # grammar productions
         return False
     if len(paragraph.split()) < MIN_PARAGRAPH_WORDS:
         return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 # Runnable from a checkout without installing; an installed package still wins.
@@ -80,11 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (kill, Slurm time limit) takes the Ctrl-C path, so temp files are removed.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # Imported after parsing so --help and usage errors are instant (megatron is heavy).
     from mesh_megatron.data.preprocessing import preprocess
 
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = preprocess(
             args.input,
@@ -100,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"preprocess_data.py: error: {error}")
     except KeyboardInterrupt:
         sys.exit("preprocess_data.py: interrupted; no output written")
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may be called in-process
     skipped = f", {result.skipped_empty} empty skipped" if result.skipped_empty else ""
     print(
         f"wrote {result.prefix}.bin/.idx: {result.documents} documents, {result.tokens} "

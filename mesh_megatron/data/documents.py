@@ -87,7 +87,7 @@ def decode_document(raw: RawDocument, fmt: str, path: str, json_key: str) -> str
         except UnicodeDecodeError as error:
             raise InputFormatError(
                 f"{where}: the document starting on this line is not valid UTF-8 "
-                f"({error.reason} at byte {error.start})"
+                f"({error.reason} at byte {error.start} of the document)"
             ) from None
     try:
         record = json.loads(raw.payload)

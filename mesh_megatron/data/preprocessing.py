@@ -127,6 +127,17 @@ def _encode(raw: RawDocument) -> tuple[list[int], int]:
     return ids, raw.nbytes
 
 
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """forkserver where available: plain fork copies a parent's native threads' locks
+    (a training or test process holds gloo and OpenMP threads) and the child can
+    deadlock on one. The server imports this module once; workers fork from it."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 @contextmanager
 def _encoder(
     job: _EncodeJob, workers: int, tokenizer: MegatronTokenizerText
@@ -141,7 +152,7 @@ def _encoder(
         _init_worker(job, tokenizer)
         yield map(_encode, raw)
         return
-    with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(job,)) as pool:
+    with _pool_context().Pool(workers, initializer=_init_pool_worker, initargs=(job,)) as pool:
         # imap (not imap_unordered): the dataset keeps the input's document order.
         yield pool.imap(_encode, raw, chunksize=IMAP_CHUNKSIZE)
 
