@@ -76,14 +76,18 @@ def check_parallel_layout(load_dir: str, tag: str, parallel: ParallelConfig) -> 
     """DeepSpeed's files are per model-parallel rank: resuming needs the same TP and PP."""
     with open(os.path.join(load_dir, tag, CONFIG_FILE)) as f:
         saved = json.load(f).get("parallel", {})
-    ours = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
-    theirs = (saved.get("tensor_model_parallel_size", 1), saved.get("pipeline_model_parallel_size", 1))
+    ours = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+            parallel.pipeline_split)
+    theirs = (saved.get("tensor_model_parallel_size", 1), saved.get("pipeline_model_parallel_size", 1),
+              saved.get("pipeline_split"))
     if ours != theirs:
+        split = f" --pipeline-split {','.join(map(str, ours[2]))}" if ours[2] else ""
         raise ConfigError(
-            f"--load {load_dir}/{tag} was saved with TP={theirs[0]} PP={theirs[1]} but this run uses "
-            f"TP={ours[0]} PP={ours[1]}: run with the saved sizes, or convert the weights first with "
-            f"`python tools/convert_checkpoint.py --load {load_dir} --save NEW_DIR` (weights only; "
-            "the optimizer state restarts) and --load NEW_DIR")
+            f"--load {load_dir}/{tag} was saved with TP={theirs[0]} PP={theirs[1]} split={theirs[2]} but "
+            f"this run uses TP={ours[0]} PP={ours[1]} split={ours[2]}: run with the saved sizes, or convert "
+            f"the weights first with `python tools/convert_checkpoint.py --load {load_dir} --save NEW_DIR "
+            f"--tensor-model-parallel-size {ours[0]} --pipeline-model-parallel-size {ours[1]}{split}` "
+            "(weights only: optimizer, LR schedule and data position restart) and --load NEW_DIR")
 
 
 class CheckpointManager:

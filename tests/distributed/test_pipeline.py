@@ -77,3 +77,33 @@ def test_tp2_pp2_equals_single_process(tmp_path):
     assert p1.keys() == p4.keys()
     for k in p1:
         assert (p1[k] - p4[k]).abs().max() <= 1e-5, k
+
+
+def test_save_pp2_load_pp1_refused_then_converted(tmp_path):
+    """A PP=2 checkpoint under PP=1: refused with the conversion to run; converted, it loads
+    and holds exactly the PP=2 run's weights."""
+    import subprocess
+    import sys
+
+    from mesh_megatron.config import ConfigError
+    from mesh_megatron.training import arguments
+
+    _, save2, _ = run(tmp_path, "pp2", 2, ["--variant", "mesh", "--pipeline-model-parallel-size", "2",
+                                           "--train-iters", "2"])
+    with pytest.raises(ConfigError, match=r"saved with TP=1 PP=2 .* this run uses TP=1 PP=1 .*tools/convert_checkpoint.py"):
+        arguments.parse(["--ds_config", "examples/zero1.json", "--seq-length", "32", "--load", str(save2)])
+    converted = tmp_path / "pp1"
+    subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", str(save2), "--save", str(converted),
+                    "--pipeline-model-parallel-size", "1"], cwd=ROOT, check=True, capture_output=True)
+    before, after = merged_params(save2, 1, 2), merged_params(converted, 1, 1)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    out = run_workers(SCRIPT, 1, COMMON + ["--variant", "mesh", "--train-iters", "1", "--load", str(converted)])
+    assert "weights only" in out[0]
+    # ...and back: PP=1 weights into a PP=2 layout.
+    back = tmp_path / "back"
+    subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", str(converted), "--save", str(back),
+                    "--pipeline-model-parallel-size", "2"], cwd=ROOT, check=True, capture_output=True)
+    again = merged_params(back, 1, 2)
+    assert all(torch.equal(before[k], again[k]) for k in before)
+    run_workers(SCRIPT, 2, COMMON + ["--variant", "mesh", "--train-iters", "1", "--pipeline-model-parallel-size", "2",
+                                     "--load", str(back)])

@@ -1,0 +1,133 @@
+"""Evaluate an exported Hugging Face directory: lm-evaluation-harness tasks, and perplexity
+on a split of an indexed dataset (the same megatron-core GPTDataset samples training uses).
+
+Both load the model with AutoModelForCausalLM (trust_remote_code=True, which the native
+GPT-NeoX export simply ignores), so what is measured is the exported artefact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+
+from mesh_megatron.checkpoint.hf_import import find_tokenizer
+from mesh_megatron.config import ConfigError
+
+SPLITS = ("train", "valid", "test")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_model_dir(model_dir: str) -> None:
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ConfigError(f"--model-dir {model_dir} holds no config.json: pass a directory written by "
+                          "tools/convert_to_hf.py")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_lm_eval(model_dir: str, tasks: Sequence[str], *, num_fewshot: Optional[int] = None,
+                batch_size: int | str = 1, limit: Optional[float] = None,
+                include_path: Optional[Sequence[str]] = None, dtype: str = "fp32",
+                device: Optional[str] = None) -> dict[str, Any]:
+    """lm_eval.simple_evaluate with the `hf` model on `model_dir`; its result dict."""
+    check_model_dir(model_dir)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=list(include_path) if include_path else None)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]  # names or glob patterns
+    if unknown:
+        raise ConfigError(f"--tasks {', '.join(unknown)}: unknown to lm-eval"
+                          + (f" and --include-path {', '.join(include_path)}" if include_path else "")
+                          + ": check the names (lm-eval ls tasks) or the task YAML directory")
+    device = device or default_device()
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": model_dir, "trust_remote_code": True, "dtype": _lm_eval_dtype(dtype)},
+        tasks=list(tasks), num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
+        task_manager=manager, log_samples=False, device=device,
+    )
+    if results is None:  # non-zero ranks of a distributed lm-eval run
+        return {}
+    return results
+
+
+def _lm_eval_dtype(dtype: str) -> str:
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+
+
+def _data_tokenizer(model_dir: str, tokenizer_type: Optional[str], tokenizer_file: Optional[str]):
+    """The megatron tokenizer the indexed dataset was built with (for EOD and vocab checks)."""
+    from mesh_megatron.data.tokenizer import build_tokenizer
+
+    if tokenizer_file:
+        kind, path = tokenizer_type or "sentencepiece", tokenizer_file
+    else:
+        found = find_tokenizer(model_dir)
+        if found is None:
+            raise ConfigError(f"--model-dir {model_dir} holds no tokenizer.model / tokenizer.json: pass "
+                              "--tokenizer-type and --tokenizer-model")
+        kind, path = found
+    try:
+        return build_tokenizer(kind, path)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from None
+
+
+@torch.no_grad()
+def perplexity(model_dir: str, data_path: Sequence[str], *, split: str = "969,30,1", which: str = "valid",
+               samples: int = 64, seq_length: Optional[int] = None, batch_size: int = 8, seed: int = 1234,
+               tokenizer_type: Optional[str] = None, tokenizer_file: Optional[str] = None,
+               cache_dir: Optional[str] = None, dtype: str = "fp32", device: Optional[str] = None) -> dict[str, Any]:
+    """exp(mean token NLL) of the HF model over the first `samples` samples of one split.
+
+    Samples are megatron-core GPTDataset samples (`build_gpt_datasets`, same seed and split
+    as training), so the number is comparable with the training log's validation loss.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mesh_megatron.data.datasets import build_gpt_datasets
+    from mesh_megatron.data.sampler import collate
+
+    check_model_dir(model_dir)
+    if which not in SPLITS:
+        raise ConfigError(f"--perplexity-split {which!r}: choose one of {', '.join(SPLITS)}")
+    if samples < 1:
+        raise ConfigError("--perplexity-samples must be >= 1")
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    seq_length = seq_length or config.max_position_embeddings
+    tokenizer = _data_tokenizer(model_dir, tokenizer_type, tokenizer_file)
+    counts = {"train": 1, "valid": 0, "test": 0, which: samples}
+    try:
+        built = build_gpt_datasets(
+            list(data_path), split, seq_length, seed, train_samples=max(1, counts["train"]),
+            valid_samples=counts["valid"], test_samples=counts["test"], tokenizer=tokenizer,
+            cache_dir=cache_dir, padded_vocab_size=config.vocab_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    dataset = getattr(built, which)
+    if dataset is None:
+        raise ConfigError(f"split {split!r} gives the {which} split no documents: pick another "
+                          "--perplexity-split or --split")
+
+    device = device or default_device()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True,
+                                                 dtype=TORCH_DTYPES[dtype]).to(device).eval()
+    total_nll, total_tokens = 0.0, 0.0
+    for start in range(0, samples, batch_size):
+        indices = [i % len(dataset) for i in range(start, min(samples, start + batch_size))]
+        tokens, labels, mask = collate(dataset, indices)
+        logits = model(tokens.to(device), use_cache=False).logits.float()  # [b, s, vocab]
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.to(device).flatten(),
+                                                reduction="none")
+        mask = mask.to(device).flatten()
+        total_nll += float((nll * mask).sum())
+        total_tokens += float(mask.sum())
+    loss = total_nll / max(total_tokens, 1.0)
+    return {"split": which, "samples": samples, "seq_length": seq_length, "tokens": int(total_tokens),
+            "loss": loss, "perplexity": math.exp(min(loss, 50.0))}

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Evaluate an exported model (tools/convert_to_hf.py output): lm-evaluation-harness tasks
+and/or perplexity on a split of an indexed dataset.
+
+  python tools/eval_lm.py --model-dir hf/run1 --tasks lambada_openai,piqa --output results.json
+  python tools/eval_lm.py --model-dir hf/run1 --perplexity-data data/pile_text_document --output ppl.json
+  python tools/eval_lm.py --model-dir hf/run1 --tasks my_task --include-path my_tasks/ --offline
+
+Offline use: with --offline (or HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1) nothing is downloaded;
+tasks whose datasets are in the Hugging Face cache, or that read local files
+(`dataset_path: json` + `dataset_kwargs: {data_files: ...}` in a task YAML under
+--include-path), still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", required=True, help="Hugging Face directory written by tools/convert_to_hf.py")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval task names or glob patterns (e.g. lambada_openai,piqa)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
+    p.add_argument("--batch-size", default="1", help="lm-eval batch size: an integer or 'auto'")
+    p.add_argument("--limit", type=float, default=None,
+                   help="documents per task: an integer count, or a fraction below 1 (for quick checks)")
+    p.add_argument("--include-path", action="append", default=None,
+                   help="directory of extra task YAMLs (repeatable)")
+    p.add_argument("--output", default=None, help="write all results (lm-eval's dict + perplexity) to this JSON")
+    p.add_argument("--offline", action="store_true",
+                   help="never touch the network (sets HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype to run the model in")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+    ppl = p.add_argument_group("perplexity on an indexed dataset")
+    ppl.add_argument("--perplexity-data", nargs="+", default=None,
+                     help="indexed dataset prefix(es), as --data-path in training: [w1] prefix1 [w2] prefix2 ...")
+    ppl.add_argument("--split", default="969,30,1", help="train,valid,test document shares (as in training)")
+    ppl.add_argument("--perplexity-split", choices=["train", "valid", "test"], default="valid",
+                     help="which split to measure")
+    ppl.add_argument("--perplexity-samples", type=int, default=64, help="samples (sequences) to measure")
+    ppl.add_argument("--seq-length", type=int, default=None,
+                     help="tokens per sample (default: the model's max_position_embeddings)")
+    ppl.add_argument("--perplexity-batch-size", type=int, default=8, help="sequences per forward pass")
+    ppl.add_argument("--seed", type=int, default=1234, help="dataset shuffling seed (as in training)")
+    ppl.add_argument("--tokenizer-type", choices=["sentencepiece", "hf"], default=None,
+                     help="tokenizer the data was preprocessed with (default: the one in --model-dir)")
+    ppl.add_argument("--tokenizer-model", default=None, help="its file (default: the one in --model-dir)")
+    ppl.add_argument("--data-cache-dir", default=None, help="dataset index cache (default ~/.cache/mesh_megatron)")
+    args = p.parse_args(argv)
+    if not args.tasks and not args.perplexity_data:
+        p.error("nothing to do: pass --tasks and/or --perplexity-data")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.offline:  # before datasets / huggingface_hub are imported
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+    from mesh_megatron.checkpoint import hf_eval
+    from mesh_megatron.config import ConfigError
+
+    out: dict = {"model_dir": args.model_dir}
+    try:
+        if args.perplexity_data:
+            out["perplexity"] = hf_eval.perplexity(
+                args.model_dir, args.perplexity_data, split=args.split, which=args.perplexity_split,
+                samples=args.perplexity_samples, seq_length=args.seq_length,
+                batch_size=args.perplexity_batch_size, seed=args.seed, tokenizer_type=args.tokenizer_type,
+                tokenizer_file=args.tokenizer_model, cache_dir=args.data_cache_dir, dtype=args.dtype,
+                device=args.device)
+            ppl = out["perplexity"]
+            print(f"perplexity ({ppl['split']}, {ppl['samples']} samples, {ppl['tokens']} tokens): "
+                  f"{ppl['perplexity']:.4f} (loss {ppl['loss']:.4f})")
+        if args.tasks:
+            batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+            limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+            results = hf_eval.run_lm_eval(
+                args.model_dir, [t.strip() for t in args.tasks.split(",") if t.strip()],
+                num_fewshot=args.num_fewshot, batch_size=batch, limit=limit,
+                include_path=args.include_path, dtype=args.dtype, device=args.device)
+            out["lm_eval"] = results
+            if results:
+                from lm_eval.utils import make_table
+
+                print(make_table(results))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        from lm_eval.utils import handle_non_serializable
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(out, f, indent=2, default=handle_non_serializable)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
