@@ -190,7 +190,14 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     # Compute layers per pipeline stage (the looped core counts C*K); None = balanced by compute.
+    # With interleaving there is one entry per model chunk (PP x V chunks).
     pipeline_split: Optional[list[int]] = None
+    # Model chunks per pipeline rank (megatron's interleaved 1F1B); None = plain 1F1B.
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+
+    @property
+    def pipeline_chunks(self) -> int:
+        return self.pipeline_model_parallel_size * (self.virtual_pipeline_model_parallel_size or 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -391,6 +398,9 @@ def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig]
         pipeline_dtype=params_dtype,
         batch_p2p_comm=False,
         deallocate_pipeline_outputs=False,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        microbatch_group_size_per_vp_stage=(parallel.pipeline_model_parallel_size
+                                            if parallel.virtual_pipeline_model_parallel_size else None),
         # megatron's fused bias-GELU is the tanh approximation: keep it off for exactness.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

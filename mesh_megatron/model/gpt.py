@@ -7,8 +7,10 @@ without, logits `[b, s, v / tp]` (this rank's vocabulary shard).
 Under pipeline parallelism the model is one stage (`stage`, from parallel/pipeline_layout):
 the first stage embeds, the last normalises and projects; a middle stage's input arrives
 through `set_input_tensor` (megatron-core's schedules call it) and its output is sent on.
-What crosses a boundary is the hidden state `[s, b, h]`, or `[s, b, 2h]` = [h, h_emb]
-while a later stage's core still needs the embeddings (MeSH slot 0, anchor_emb).
+What crosses a boundary is the hidden state `[s, b, h]`, or `[2s, b, h]` = [h; h_emb]
+stacked along the sequence while a later stage's core still needs the embeddings (MeSH
+slot 0, anchor_emb). Stacking on the sequence keeps the hidden width the schedule's
+tensor shape assumes, which the interleaved schedule cannot change.
 """
 
 from __future__ import annotations
@@ -103,13 +105,13 @@ class MeshGPTModel(MegatronModule):
             if observe:
                 observe("h_emb", h_emb)
         elif self.receives_embeddings:
-            hidden, h_emb = self.input_tensor.chunk(2, dim=-1)  # [s, b, 2h] -> 2 x [s, b, h]
+            hidden, h_emb = self.input_tensor.chunk(2, dim=0)  # [2s, b, h] -> 2 x [s, b, h]
         else:
             hidden, h_emb = self.input_tensor, None
         rotary = self.rotary_pos_emb(input_ids.shape[1])  # [s, 1, 1, rotary_dims]
         h = self.block(hidden, h_emb, rotary, attention_mask, observe=observe)
         if not self.post_process:
-            return torch.cat([h, h_emb], dim=-1) if self.sends_embeddings else h
+            return torch.cat([h, h_emb], dim=0) if self.sends_embeddings else h
         if observe:
             observe("h_out", h)
         h = self.final_layernorm(h)

@@ -45,6 +45,7 @@ def initialize_distributed(parallel: ParallelConfig, timeout_minutes: int = 10) 
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         )
 
 

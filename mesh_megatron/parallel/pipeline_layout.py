@@ -39,7 +39,7 @@ class Stage:
     coda: list[int] = field(default_factory=list)
     pre_process: bool = False  # embedding
     post_process: bool = False  # final norm + output layer
-    receives_embeddings: bool = False  # input is [h, h_emb] concatenated on the hidden dim
+    receives_embeddings: bool = False  # input is [h; h_emb] stacked on the sequence dim
     sends_embeddings: bool = False
 
     @property
@@ -106,6 +106,10 @@ class PipelineLayout:
     stages: list[Stage]
 
     @property
+    def embeddings_cross(self) -> bool:
+        return any(s.sends_embeddings for s in self.stages)
+
+    @property
     def core_layers(self) -> int:
         layout = self.model.parsed_layout
         return layout.core * layout.loops if layout.is_looped else 0
@@ -127,7 +131,7 @@ class PipelineLayout:
         return 1.0 - micro_batches * sum(costs) / (p * step)
 
     def boundary_bytes(self, micro_batch: int, bytes_per_value: int = 2) -> list[int]:
-        """Bytes sent forward across each boundary per micro-batch ([s, b, h] or [s, b, 2h])."""
+        """Bytes sent forward across each boundary per micro-batch ([s, b, h] or [2s, b, h])."""
         h, s = self.model.hidden_size, self.model.seq_length
         return [s * micro_batch * h * (2 if st.sends_embeddings else 1) * bytes_per_value
                 for st in self.stages[:-1]]
@@ -142,9 +146,12 @@ class PipelineLayout:
         return "\n".join(lines)
 
 
-def build_layout(model: ModelConfig, stages: int, split: Optional[list[int]] = None) -> PipelineLayout:
-    """Assign pieces to `stages` stages: balanced by compute, or by `split` (compute layers per
-    stage, the core counting C*K), refusing a split that cuts the core or leaves a stage empty."""
+def build_layout(model: ModelConfig, stages: int, split: Optional[list[int]] = None,
+                 uniform_boundaries: bool = False) -> PipelineLayout:
+    """Assign pieces to `stages` stages (or model chunks): balanced by compute, or by `split`
+    (compute layers per stage, the core counting C*K), refusing a split that cuts the core or
+    leaves a stage empty. `uniform_boundaries` (interleaved schedule, one tensor shape for
+    every boundary): when any boundary carries the embeddings, all of them do."""
     ps = pieces(model)
     if stages < 1:
         raise ConfigError("--pipeline-model-parallel-size must be >= 1")
@@ -171,10 +178,11 @@ def build_layout(model: ModelConfig, stages: int, split: Optional[list[int]] = N
                 getattr(st, piece.kind).append(piece.index)
         i += count
         layout_stages.append(st)
-    if needs_emb and core_stage is not None:
+    if needs_emb and core_stage:  # the core is not on the first stage
+        last = core_stage if not uniform_boundaries else stages - 1
         for st in layout_stages:
-            st.receives_embeddings = 0 < st.rank <= core_stage
-            st.sends_embeddings = st.rank < core_stage
+            st.receives_embeddings = 0 < st.rank <= last
+            st.sends_embeddings = st.rank < last
     return PipelineLayout(model, layout_stages)
 
 

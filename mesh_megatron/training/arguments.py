@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel ranks (megatron-core)")
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                      help="pipeline stages (megatron-core 1F1B schedule; the looped core stays on one stage)")
+    par.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+                     help="model chunks per pipeline rank (interleaved 1F1B); needs PP x V pieces")
     par.add_argument("--pipeline-split", default=None,
                      help="compute layers per stage, e.g. 4,16,4 (the core counts C*K); default: balanced")
     par.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="examples/zero2.json",
@@ -164,7 +166,9 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
     from mesh_megatron.parallel.pipeline_layout import build_layout, parse_split
 
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                              parse_split(args.pipeline_split))
+                              parse_split(args.pipeline_split), args.virtual_pipeline_model_parallel_size)
+    if parallel.virtual_pipeline_model_parallel_size and parallel.pipeline_model_parallel_size < 2:
+        raise ConfigError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size >= 2")
     if parallel.tensor_model_parallel_size > world:
         raise ConfigError(f"--tensor-model-parallel-size {parallel.tensor_model_parallel_size} is larger "
                           f"than the world size {world}: launch at least that many ranks or lower it")
@@ -176,7 +180,7 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         data_path=list(args.data_path), split=args.split, tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model, cache_dir=args.data_cache_dir)), args.config, parallel)
     validate(model, parallel, world)
-    build_layout(model, parallel.pipeline_model_parallel_size, parallel.pipeline_split)  # refuses bad splits
+    build_layout(model, parallel.pipeline_chunks, parallel.pipeline_split)  # refuses bad splits
     dp = world // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)
 
     ds = load_ds_config(args.ds_config)
@@ -196,6 +200,14 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         sample_tokens=args.sample_tokens, sample_prompt=args.sample_prompt, exit_interval=args.exit_interval,
     )
     validate_training(train, dp)
+    if parallel.virtual_pipeline_model_parallel_size:
+        from mesh_megatron.config import gradient_accumulation_steps
+
+        accum = gradient_accumulation_steps(train, dp)
+        if accum % parallel.pipeline_model_parallel_size:
+            raise ConfigError(f"interleaved pipelining runs micro-batches in groups of PP="
+                              f"{parallel.pipeline_model_parallel_size}, but a step has {accum} micro-batches "
+                              "(global / (micro x data-parallel)): make it a multiple of PP")
     ds = finalize_ds_config(ds, train, dp, args.ds_config, parallel.pipeline_model_parallel_size)
 
     if data.data_path:

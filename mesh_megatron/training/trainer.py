@@ -45,6 +45,29 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class ModelChunks(torch.nn.Module):
+    """The model chunks of one pipeline rank under interleaving, as one module for DeepSpeed.
+
+    Its state dict uses the chunks' own names (which are the full model's names), so
+    checkpoints of interleaved runs merge like those of plain stages."""
+
+    def __init__(self, chunks):
+        super().__init__()
+        self.chunks = torch.nn.ModuleList(chunks)
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        out = destination if destination is not None else {}
+        for chunk in self.chunks:
+            out.update(chunk.state_dict(prefix=prefix, keep_vars=keep_vars))
+        return out
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        for chunk in self.chunks:
+            names = chunk.state_dict().keys()
+            chunk.load_state_dict({k: v for k, v in state_dict.items() if k in names}, strict=strict)
+        return torch.nn.modules.module._IncompatibleKeys([], [])
+
+
 def _rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
 
@@ -82,15 +105,24 @@ class Trainer:
         self.pipelined = run.parallel.pipeline_model_parallel_size > 1
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.stage = None
+        self.virtual = run.parallel.virtual_pipeline_model_parallel_size or 1
         if self.pipelined:
             from mesh_megatron.parallel.pipeline_layout import build_layout
 
-            self.pipeline = build_layout(self.cfg, run.parallel.pipeline_model_parallel_size,
-                                         run.parallel.pipeline_split)
-            self.stage = self.pipeline.stages[ps.get_pipeline_model_parallel_rank()]
-        model = MeshGPTModel(self.cfg, tf_config, stage=self.stage, init_seed=self.train.seed)
-        if self.pipelined:
+            pp, pp_rank = run.parallel.pipeline_model_parallel_size, ps.get_pipeline_model_parallel_rank()
+            self.pipeline = build_layout(self.cfg, run.parallel.pipeline_chunks, run.parallel.pipeline_split,
+                                         uniform_boundaries=self.virtual > 1)
+            # Chunk c runs on pipeline rank c % PP (megatron's interleaving order).
+            chunks = []
+            for v in range(self.virtual):
+                self.stage = self.pipeline.stages[v * pp + pp_rank]
+                chunk = MeshGPTModel(self.cfg, tf_config, stage=self.stage, init_seed=self.train.seed)
+                chunk.vp_stage = v if self.virtual > 1 else None
+                chunks.append(chunk)
+            model = chunks[0] if self.virtual == 1 else ModelChunks(chunks)
             mark_replicated_parameters(model)
+        else:
+            model = MeshGPTModel(self.cfg, tf_config, init_seed=self.train.seed)
         self.counts = ParameterCounts.of(model)
         optimizer = adamw(model, self.train)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -118,10 +150,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- pipeline step
     def _adjust_shapes(self, recv_shapes, send_shapes):
-        """[s, b, h] between stages, [s, b, 2h] while the embeddings ride along."""
+        """[s, b, h] between stages, [2s, b, h] while the embeddings ride along."""
         (s, b, h), = recv_shapes
-        recv = [(s, b, 2 * h if self.stage.receives_embeddings else h)]
-        send = [(s, b, 2 * h if self.stage.sends_embeddings else h)]
+        recv = [(2 * s if self.stage.receives_embeddings else s, b, h)]
+        send = [(2 * s if self.stage.sends_embeddings else s, b, h)]
         return recv, send
 
     def _run_pipeline(self, batches: list, forward_only: bool) -> tuple[float, float]:
@@ -139,11 +171,20 @@ class Trainer:
 
             return out, loss_func
 
-        results = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=[self.engine.module],
-            num_microbatches=len(batches), seq_length=self.cfg.seq_length,
-            micro_batch_size=self.train.micro_batch_size, forward_only=forward_only,
-            adjust_tensor_shapes_fn=self._adjust_shapes)
+        if self.virtual == 1:
+            results = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(batches), model=[self.engine.module],
+                num_microbatches=len(batches), seq_length=self.cfg.seq_length,
+                micro_batch_size=self.train.micro_batch_size, forward_only=forward_only,
+                adjust_tensor_shapes_fn=self._adjust_shapes)
+        else:
+            # Interleaved: one data iterator per chunk; every boundary has one shape, [2s, b, h]
+            # when the embeddings ride along (see pipeline_layout.build_layout).
+            seq = self.cfg.seq_length * (2 if self.pipeline.embeddings_cross else 1)
+            results = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=[iter(batches) for _ in range(self.virtual)],
+                model=list(self.engine.module.chunks), num_microbatches=len(batches), seq_length=seq,
+                micro_batch_size=self.train.micro_batch_size, forward_only=forward_only)
         total = torch.tensor([sum(r["loss"].item() for r in results), float(len(results))], dtype=torch.float64)
         dist.all_reduce(total, group=self.pp_group)
         return total[0].item(), total[1].item()
@@ -269,7 +310,10 @@ class Trainer:
         history: dict[str, float] = {}
         window_start, window_iters = time.time(), 0
         if self.pipelined:
-            self.sinks.print("pipeline stages (by compute):\n" + self.pipeline.report(accum))
+            header = ("pipeline stages (by compute):" if self.virtual == 1 else
+                      f"pipeline model chunks (by compute; chunk c runs on pipeline rank c % "
+                      f"{self.run.parallel.pipeline_model_parallel_size}, interleaved):")
+            self.sinks.print(header + "\n" + self.pipeline.report(accum))
         if self.iteration == 0 and t.eval_interval:
             history["valid_loss_start"] = self._log_eval()
         while self.iteration < t.train_iters:

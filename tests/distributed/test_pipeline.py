@@ -22,7 +22,7 @@ def run(tmp_path, name, nprocs, extra):
     return step_losses(tmp_path / f"{name}.jsonl"), save, out
 
 
-def merged_params(save_dir, tp: int, pp: int) -> dict[str, torch.Tensor]:
+def merged_params(save_dir, tp: int, pp: int, variant: str = "mesh", layout=None) -> dict[str, torch.Tensor]:
     """Full weights from every (pp, tp) file: stages merge by name, TP shards concatenate
     along megatron's partition dim (read from a TP=1 meta model)."""
     from mesh_megatron.checkpoint.tensor_parallel import partition_dims
@@ -38,7 +38,7 @@ def merged_params(save_dir, tp: int, pp: int) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor):
                 shards.setdefault(k, []).append(v)
     initialize_distributed(ParallelConfig())
-    cfg = preset("tiny", "mesh", seq_length=32)
+    cfg = preset("tiny", variant, layout, seq_length=32)
     with torch.device("meta"):
         dims = partition_dims(MeshGPTModel(cfg, to_transformer_config(cfg, perform_initialization=False)))
     return {k: torch.cat(v, dim=dims[k]) if k in dims and len(v) > 1 else v[0] for k, v in shards.items()}
@@ -107,3 +107,18 @@ def test_save_pp2_load_pp1_refused_then_converted(tmp_path):
     assert all(torch.equal(before[k], again[k]) for k in before)
     run_workers(SCRIPT, 2, COMMON + ["--variant", "mesh", "--train-iters", "1", "--pipeline-model-parallel-size", "2",
                                      "--load", str(back)])
+
+
+@pytest.mark.parametrize("variant,layout", [("vanilla", "6"), ("mesh", "2+2R2+2")])
+def test_interleaved_pp2_vp2_equals_pp1(tmp_path, variant, layout):
+    """Interleaved 1F1B (2 model chunks per rank, 4 chunks): same losses and weights."""
+    model = ["--variant", variant, "--layout", layout]
+    one, save1, _ = run(tmp_path, "pp1", 1, model)
+    vp, save2, out = run(tmp_path, "vp", 2, model + ["--pipeline-model-parallel-size", "2",
+                                                     "--virtual-pipeline-model-parallel-size", "2"])
+    assert "interleaved" in out[0] and "stage 3:" in out[0]
+    assert max(abs(a - b) for a, b in zip(one, vp)) <= 1e-5, (one, vp)
+    p1, p2 = merged_params(save1, 1, 1, variant, layout), merged_params(save2, 1, 2, variant, layout)
+    assert p1.keys() == p2.keys()
+    for k in p1:
+        assert (p1[k] - p2[k]).abs().max() <= 1e-5, k
