@@ -46,17 +46,18 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_latest(load_dir: str) -> str:
-    """The tag `latest` points at; a clear error if there is no complete checkpoint."""
+def read_latest(load_dir: str, flag: str = "--load") -> str:
+    """The tag `latest` points at; a clear error if there is no complete checkpoint.
+    `flag` names the input in the message (the CLI flag or what the tool calls it)."""
     if not os.path.isdir(load_dir):
-        raise ConfigError(f"--load {load_dir}: no such directory; pass a directory written by --save")
+        raise ConfigError(f"{flag} {load_dir} does not exist: pass the --save directory of a training run")
     path = os.path.join(load_dir, LATEST)
     if not os.path.exists(path):
-        raise ConfigError(f"--load {load_dir} holds no checkpoint (no '{LATEST}' file): "
-                          "point it at a directory written by --save, or drop --load to start fresh")
+        raise ConfigError(f"{flag} {load_dir} holds no checkpoint (no '{LATEST}' file): pass the --save "
+                          "directory of a training run that saved at least once, or drop --load to start fresh")
     tag = open(path).read().strip()
     if not os.path.isfile(os.path.join(load_dir, tag, CONFIG_FILE)):
-        raise ConfigError(f"--load {load_dir}: '{LATEST}' names {tag!r}, which is incomplete or missing")
+        raise ConfigError(f"{flag} {load_dir}: '{LATEST}' names {tag!r}, which is missing or incomplete")
     return tag
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mesh_megatron.checkpoint.key_map import is_ignored
-from mesh_megatron.checkpoint.manager import CONFIG_FILE, LATEST, tag_for
+from mesh_megatron.checkpoint.manager import CONFIG_FILE, read_latest, tag_for
 from mesh_megatron.checkpoint.skeleton import check_weights, meta_model, with_padded_vocab_of
 from mesh_megatron.checkpoint.tensor_parallel import partition_dims
 from mesh_megatron.config import ConfigError, ModelConfig, ParallelConfig
@@ -90,22 +90,12 @@ def _model_config(data: dict[str, Any], source: str) -> ModelConfig:
 
 def open_checkpoint(load_dir: str, iteration: Optional[int] = None) -> TrainingCheckpoint:
     """The checkpoint `latest` points at, or the given iteration; nothing is loaded yet."""
-    if not os.path.isdir(load_dir):
-        raise ConfigError(f"checkpoint directory {load_dir} does not exist: pass the --save directory "
-                          "of a training run")
     if iteration is None:
-        latest = os.path.join(load_dir, LATEST)
-        if not os.path.isfile(latest):
-            raise ConfigError(f"{load_dir} holds no checkpoint (no '{LATEST}' file): pass the --save "
-                              "directory of a training run that saved at least once")
-        tag = open(latest).read().strip()
-        if not os.path.isfile(os.path.join(load_dir, tag, CONFIG_FILE)):
-            raise ConfigError(f"{load_dir}: '{LATEST}' names {tag!r}, which is missing or incomplete: "
-                              "pick a complete one with --iteration")
+        tag = read_latest(load_dir, flag="checkpoint directory")
     else:
         tag = tag_for(iteration)
         if not os.path.isfile(os.path.join(load_dir, tag, CONFIG_FILE)):
-            have = available_iterations(load_dir)
+            have = available_iterations(load_dir) if os.path.isdir(load_dir) else []
             listed = ", ".join(map(str, have)) if have else "none"
             raise ConfigError(f"iteration {iteration} is not in {load_dir} (complete iterations: {listed}): "
                               "pass one of them to --iteration, or drop --iteration for the latest")
@@ -116,7 +106,9 @@ def open_checkpoint(load_dir: str, iteration: Optional[int] = None) -> TrainingC
         model = _model_config(meta["model"], config_path)
         sizes = meta.get("parallel", {})
         parallel = ParallelConfig(tensor_model_parallel_size=int(sizes.get("tensor_model_parallel_size", 1)),
-                                  pipeline_model_parallel_size=int(sizes.get("pipeline_model_parallel_size", 1)))
+                                  pipeline_model_parallel_size=int(sizes.get("pipeline_model_parallel_size", 1)),
+                                  pipeline_split=sizes.get("pipeline_split"),
+                                  virtual_pipeline_model_parallel_size=sizes.get("virtual_pipeline_model_parallel_size"))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{config_path} is unreadable ({error_summary(e)}): the save was "
                           "interrupted or the file was edited; use another --iteration") from None
