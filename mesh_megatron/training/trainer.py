@@ -14,13 +14,13 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from mesh_megatron.config import (ConfigError, DataConfig, LoggingConfig, ModelConfig, ParallelConfig,
+from mesh_megatron.config import (DataConfig, LoggingConfig, ModelConfig, ParallelConfig,
                                   TrainingConfig, gradient_accumulation_steps, to_transformer_config)
 from mesh_megatron.data.sampler import collate, micro_batch_indices
 from mesh_megatron.model import MeshGPTModel

@@ -63,7 +63,7 @@ def test_embedded_default_through_deepspeed_launcher(tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_two_ranks_equal_one_rank(tmp_path, stage):
-    common = [f"--ds_config", f"examples/zero{stage}.json", "--train-iters", "5", "--lr", "1e-3",
+    common = ["--ds_config", f"examples/zero{stage}.json", "--train-iters", "5", "--lr", "1e-3",
               "--min-lr", "1e-4", "--micro-batch-size", "4", "--global-batch-size", "8"]
     one, save1, _ = train(tmp_path, "one", 1, common)
     two, save2, _ = train(tmp_path, "two", 2, common)
