@@ -15,6 +15,7 @@ tensor shape assumes, which the interleaved schedule cannot change.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -42,6 +43,10 @@ class MeshGPTModel(MegatronModule):
         `init_seed`: weights drawn per parameter name (model/initialization.py), so they do not
         depend on TP or PP; None draws the seed from torch's global generator."""
         super().__init__(config=tf_config)
+        draw_weights = tf_config.perform_initialization
+        # megatron's layers would draw every weight too, only for initialize_parameters to
+        # overwrite it: build them without their init (tags are added below instead).
+        tf_config = dataclasses.replace(tf_config, perform_initialization=False)
         backend = backend or default_backend()
         self.model_config = config
         self.padded_vocab_size = config.padded_vocab_size(tf_config.tensor_model_parallel_size)
@@ -80,7 +85,7 @@ class MeshGPTModel(MegatronModule):
                 init_method=tf_config.init_method, bias=False, skip_bias_add=False, gather_output=False,
             )
         tag_tensor_parallel_weights(self)
-        if tf_config.perform_initialization:
+        if draw_weights:
             from megatron.core import parallel_state
 
             seed = init_seed if init_seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
