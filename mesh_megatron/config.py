@@ -181,8 +181,9 @@ class ModelConfig:
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         """Megatron's padding: up to a multiple of divisible_by * TP."""
-        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
-        return int(math.ceil(self.vocab_size / multiple) * multiple)
+        from mesh_megatron.data.vocab import pad_vocab_size
+
+        return pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tensor_parallel_size)
 
 
 @dataclass
