@@ -186,6 +186,33 @@ class ModelConfig:
         return pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tensor_parallel_size)
 
 
+ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")
+RECOMPUTE = ("none", "loop", "layer")
+
+
+@dataclass
+class ExecutionConfig:
+    """How the network runs, not what it computes: kernels and activation memory.
+
+    Never part of a checkpoint's model config: any backend or recompute setting loads any
+    checkpoint and gives the same math (up to kernel rounding).
+    """
+
+    # auto = Transformer Engine when importable on a GPU, else torch sdpa; local = megatron's
+    # unfused DotProductAttention (reference).
+    attention_backend: str = "auto"
+    # none; loop = recompute each core iteration (and prelude/coda as blocks) in backward,
+    # keeping only the states between iterations; layer = recompute each layer.
+    recompute: str = "none"
+
+    def validate(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention backend {self.attention_backend!r} is unknown: choose one of "
+                              f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"recompute {self.recompute!r} is unknown: choose one of {', '.join(RECOMPUTE)}")
+
+
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
