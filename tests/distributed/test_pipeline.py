@@ -97,7 +97,8 @@ def test_save_pp2_load_pp1_refused_then_converted(tmp_path):
                     "--pipeline-model-parallel-size", "1"], cwd=ROOT, check=True, capture_output=True)
     before, after = merged_params(save2, 1, 2), merged_params(converted, 1, 1)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    out = run_workers(SCRIPT, 1, COMMON + ["--variant", "mesh", "--train-iters", "1", "--load", str(converted)])
+    out = run_workers(SCRIPT, 1, COMMON + ["--variant", "mesh", "--train-iters", "1", "--load", str(converted),
+                                           "--save", str(tmp_path / "pp1_continued")])
     assert "weights only" in out[0]
     # ...and back: PP=1 weights into a PP=2 layout.
     back = tmp_path / "back"
@@ -106,7 +107,7 @@ def test_save_pp2_load_pp1_refused_then_converted(tmp_path):
     again = merged_params(back, 1, 2)
     assert all(torch.equal(before[k], again[k]) for k in before)
     run_workers(SCRIPT, 2, COMMON + ["--variant", "mesh", "--train-iters", "1", "--pipeline-model-parallel-size", "2",
-                                     "--load", str(back)])
+                                     "--load", str(back), "--save", str(tmp_path / "back_continued")])
 
 
 @pytest.mark.parametrize("variant,layout", [("vanilla", "6"), ("mesh", "2+2R2+2")])
