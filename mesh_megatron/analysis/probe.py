@@ -1,0 +1,293 @@
+"""The probe: a model's states on held-out sequences -> the paper's diagnostics (probe.json).
+
+    model    a training checkpoint (any TP/PP/ZeRO: shards merged by checkpoint/reader.py)
+             or a Hugging Face directory (this project's export, or a GPT-NeoX / Pythia one);
+             both run as the Hugging Face model (hf/modeling_mesh.py, or transformers'
+             GPT-NeoX for vanilla) in fp32, on CPU or CUDA
+    data     N samples of the validation split of megatron-core GPTDatasets, as training
+             draws them (same split and seed): the embedded corpus unless --data-path
+    states   h_emb, h0, h_1 .. h_K, h_out per sequence (analysis/states.py)
+    metrics  per sequence, then mean (and std) over the N sequences (analysis/metrics.py):
+             relative update of each block, RBF-CKA between all states, the normalised
+             top-50 singular values of each state; MeSH: mean router weights per step/slot
+
+probe.json keys: `states` (the order of every list below), `relative_update`, `cka`,
+`spectrum`, `routers` (null without MeSH), and `model`, `data`, `settings` describing the run.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mesh_megatron.analysis import metrics
+from mesh_megatron.analysis.states import StateReader
+from mesh_megatron.config import ConfigError
+
+PROBE_FILE = "probe.json"
+# Metric chunks keep b * s * s float64 kernel entries under this (128 MiB per kernel).
+_KERNEL_ENTRIES = 1 << 24
+
+
+@dataclass
+class ProbeSettings:
+    samples: int = 64
+    seq_length: Optional[int] = None  # None: the model's training sequence length
+    batch_size: int = 8
+    device: Optional[str] = None  # None: cuda when available, else cpu
+    data_path: Optional[Sequence[str]] = None  # None: the embedded corpus
+    split: str = "969,30,1"
+    seed: int = 1234  # training's default: the same validation samples its log reports
+    iteration: Optional[int] = None  # training checkpoints: None = latest
+    vanilla_layout: Optional[str] = None  # vanilla: group layers as this P+CrK+Q
+    spectrum_top: int = 50
+    cka_scale: float = 1.0  # sigma = cka_scale x median pairwise token distance
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class ProbedModel:
+    """A model ready to probe, and where it came from."""
+
+    model: nn.Module  # Hugging Face causal LM, fp32, eval
+    source: str
+    seq_length: int  # the length it was trained on
+    vocab_rows: int
+    tokenizer: Optional[tuple[str, str]]  # (type, file)
+    iteration: Optional[int]
+
+
+# --------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------
+
+
+def _hf_model_of_training_checkpoint(load_dir: str, iteration: Optional[int]) -> ProbedModel:
+    """The exporter's conversion (checkpoint/hf_export.py), kept in memory: merged TP/PP
+    shards -> GPT-NeoX names -> the Hugging Face model, weights taken as they are."""
+    from mesh_megatron.checkpoint.key_map import fold_embedding_multiplier, hf_config, training_to_hf
+    from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state
+
+    ckpt = open_checkpoint(load_dir, iteration)
+    state = training_to_hf(read_model_state(ckpt, dtype=torch.float32), ckpt.model)
+    vanilla = ckpt.model.variant == "vanilla"
+    if vanilla:
+        from transformers import GPTNeoXForCausalLM as model_class
+
+        state = fold_embedding_multiplier(state, ckpt.model.embedding_multiplier)
+        state["lm_head.weight"] = state.pop("embed_out.weight")
+    else:
+        from mesh_megatron.hf import MeshGPTNeoXForCausalLM as model_class
+    rows = state["gpt_neox.embed_in.weight"].shape[0]
+    config = hf_config(ckpt.model, rows, dtype=torch.float32)
+    with torch.device("meta"):  # no random init: every weight comes from the checkpoint
+        model = model_class(config)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not k.endswith("inv_freq")]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"{ckpt.path}: weights do not fit {model_class.__name__} (missing {missing[:3]}, "
+                          f"unexpected {result.unexpected_keys[:3]})")
+    if vanilla:  # transformers' rotary tables are buffers, still on the meta device
+        rotary = model.gpt_neox.rotary_emb
+        model.gpt_neox.rotary_emb = type(rotary)(config=config)
+    tokenizer = ((ckpt.tokenizer_type or "sentencepiece", ckpt.tokenizer_file)
+                 if ckpt.tokenizer_file and os.path.isfile(ckpt.tokenizer_file) else None)
+    return ProbedModel(model.float().eval(), ckpt.path, ckpt.model.seq_length, rows, tokenizer, ckpt.iteration)
+
+
+def load_model(path: str, iteration: Optional[int] = None) -> ProbedModel:
+    """A training checkpoint directory (holds `latest`) or a Hugging Face directory
+    (holds config.json), as an fp32 Hugging Face model on the CPU."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"--load {path}: no such directory; pass a checkpoint directory (pretrain_mesh.py "
+                          "--save) or a Hugging Face directory (tools/convert_to_hf.py --out)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return _hf_model_of_training_checkpoint(path, iteration)
+    if iteration is not None:
+        raise ConfigError(f"--iteration applies to training checkpoints; {path} is a Hugging Face directory")
+    from transformers import AutoModelForCausalLM
+
+    from mesh_megatron.checkpoint.hf_import import find_tokenizer, read_hf_config
+
+    config = read_hf_config(path)  # refuses other architectures, in one line
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+    return ProbedModel(model.eval(), path, int(config.get("max_position_embeddings") or 2048),
+                       int(config["vocab_size"]), find_tokenizer(path), None)
+
+
+# --------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------
+
+
+def held_out_tokens(probed: ProbedModel, settings: ProbeSettings, seq_length: int) -> tuple[Tensor, str]:
+    """[samples, seq_length] token ids of the validation split, and a description."""
+    from mesh_megatron.data.datasets import build_gpt_datasets
+    from mesh_megatron.data.embedded import (EMBEDDED_TOKENIZER_MODEL, embedded_tokenizer,
+                                             prepare_embedded_dataset)
+    from mesh_megatron.data.sampler import collate
+    from mesh_megatron.data.tokenizer import build_tokenizer
+
+    if settings.data_path:
+        if probed.tokenizer is None:
+            raise ConfigError(f"{probed.source} holds no tokenizer, which --data-path needs (end-of-document "
+                              "id, vocabulary check): load a checkpoint saved with its tokenizer")
+        paths = list(settings.data_path)
+        try:
+            tokenizer = build_tokenizer(*probed.tokenizer)
+        except (ValueError, OSError) as e:
+            raise ConfigError(str(e)) from None
+        described = " ".join(paths)
+    else:
+        kind, file = probed.tokenizer or ("sentencepiece", str(EMBEDDED_TOKENIZER_MODEL))
+        if kind != "sentencepiece" or not filecmp.cmp(file, EMBEDDED_TOKENIZER_MODEL, shallow=False):
+            raise ConfigError(f"{probed.source} was trained with another tokenizer ({file}) than the embedded "
+                              "corpus: pass --data-path PREFIX of data tokenized with it")
+        paths = [prepare_embedded_dataset(settings.cache_dir)]
+        tokenizer = embedded_tokenizer()
+        described = "embedded corpus"
+    try:
+        built = build_gpt_datasets(paths, settings.split, seq_length, settings.seed, train_samples=1,
+                                   valid_samples=settings.samples, tokenizer=tokenizer,
+                                   cache_dir=settings.cache_dir, padded_vocab_size=probed.vocab_rows)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    if built.valid is None:
+        raise ConfigError(f"split {settings.split!r} gives the validation split no documents: pass a --split "
+                          "with a validation share")
+    tokens, _, _ = collate(built.valid, [i % len(built.valid) for i in range(settings.samples)])
+    return tokens, f"{described}, validation split of {settings.split}"
+
+
+# --------------------------------------------------------------------------------------
+# the probe
+# --------------------------------------------------------------------------------------
+
+
+def check_settings(settings: ProbeSettings) -> str:
+    """Cheap checks before any loading; returns the device."""
+    for name in ("samples", "batch_size", "spectrum_top"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
+    if settings.seq_length is not None and settings.seq_length < 2:
+        raise ConfigError(f"--seq-length must be >= 2 (the CKA kernel compares tokens), got {settings.seq_length}")
+    if not settings.cka_scale > 0:
+        raise ConfigError(f"the CKA bandwidth scale must be positive, got {settings.cka_scale}")
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but torch sees no GPU: use --device cpu")
+    return device
+
+
+def check_out_dir(out_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out_dir} is a file: pass a directory")
+
+
+class _Accumulator:
+    """Per-sequence metrics of every batch, reduced to mean/std at the end."""
+
+    def __init__(self, reader: StateReader, settings: ProbeSettings):
+        self.reader, self.settings = reader, settings
+        index = {name: i for i, name in enumerate(reader.names)}
+        self.block_pairs = [(index[a], index[b]) for _, a, b in reader.blocks]
+        self.updates: list[Tensor] = []  # [b, blocks]
+        self.cka: list[Tensor] = []  # [b, n, n]
+        self.spectra: list[Tensor] = []  # [b, n, top]
+        steps = len(reader.router_steps)
+        self.write_sum = torch.zeros(steps, reader.slots, dtype=torch.float64)
+        self.read_sum = torch.zeros(steps, reader.slots, dtype=torch.float64)
+        self.router_tokens = 0
+
+    def add(self, capture) -> None:
+        states = [s.float() for s in capture.states]  # [b, s, h] each
+        b, s = states[0].shape[:2]
+        chunk = max(1, _KERNEL_ENTRIES // (s * s))
+        for lo in range(0, b, chunk):
+            part = [x[lo:lo + chunk] for x in states]
+            self.updates.append(torch.stack([metrics.relative_update(part[i], part[j])
+                                             for i, j in self.block_pairs], dim=-1).cpu())
+            self.cka.append(metrics.cka_matrix(part, self.settings.cka_scale).cpu())
+            self.spectra.append(torch.stack([metrics.normalized_spectrum(x, self.settings.spectrum_top)
+                                             for x in part], dim=1).cpu())
+        if capture.write:
+            # router outputs [b, s, B] per step -> summed over tokens
+            self.write_sum += torch.stack([w.double().sum(dim=(0, 1)).cpu() for w in capture.write])
+            self.read_sum += torch.stack([r.double().sum(dim=(0, 1)).cpu() for r in capture.read])
+            self.router_tokens += b * s
+
+    def result(self) -> dict[str, Any]:
+        updates, cka, spectra = torch.cat(self.updates), torch.cat(self.cka), torch.cat(self.spectra)
+        reader = self.reader
+        std = (lambda x: x.std(dim=0, correction=1)) if updates.shape[0] > 1 else (lambda x: torch.zeros_like(x[0]))
+        routers = None
+        if reader.router_steps:
+            routers = {"steps": reader.router_steps, "slots": reader.slots,
+                       "write": (self.write_sum / self.router_tokens).tolist(),
+                       "read": (self.read_sum / self.router_tokens).tolist(),
+                       "tokens": self.router_tokens}
+        return {
+            "states": reader.names,
+            "relative_update": [{"block": name, "from": a, "to": b, "mean": float(m), "std": float(d)}
+                                for (name, a, b), m, d in zip(reader.blocks, updates.mean(0), std(updates))],
+            "cka": cka.mean(0).tolist(),
+            "cka_std": std(cka).tolist(),
+            "spectrum": spectra.mean(0).tolist(),
+            "routers": routers,
+        }
+
+
+@torch.no_grad()
+def run_probe(load: str, settings: Optional[ProbeSettings] = None) -> dict[str, Any]:
+    """The probe.json content for the model at `load`."""
+    settings = settings or ProbeSettings()
+    device = check_settings(settings)
+    probed = load_model(load, settings.iteration)
+    seq_length = settings.seq_length or probed.seq_length
+    if seq_length > probed.seq_length:
+        raise ConfigError(f"--seq-length {seq_length} is longer than the {probed.seq_length} tokens the model "
+                          f"was trained on: pass at most {probed.seq_length}")
+    reader = StateReader(probed.model, settings.vanilla_layout)
+    tokens, data = held_out_tokens(probed, settings, seq_length)
+    model = probed.model.to(device)
+    acc = _Accumulator(reader, settings)
+    for lo in range(0, tokens.shape[0], settings.batch_size):
+        acc.add(reader(tokens[lo:lo + settings.batch_size].to(device)))
+    result = acc.result()
+    cfg = model.config
+    result["model"] = {"source": os.path.abspath(probed.source), "iteration": probed.iteration,
+                       "variant": reader.variant, "layout": reader.layout, "hidden_size": cfg.hidden_size,
+                       "mesh_slots": reader.slots or None}
+    result["data"] = {"source": data, "samples": int(tokens.shape[0]), "seq_length": seq_length,
+                      "seed": settings.seed}
+    result["settings"] = {"device": device, "dtype": "float32 model, float64 metrics",
+                          "cka_kernel": "rbf", "cka_bandwidth": metrics.BANDWIDTH_RULE,
+                          "cka_bandwidth_scale": settings.cka_scale, "spectrum_top": settings.spectrum_top,
+                          "vanilla_layout": settings.vanilla_layout,
+                          "relative_update": "2 |f(h) - h|_F / (|f(h)|_F + |h|_F) per sequence",
+                          "average": "mean over sequences (std: over sequences)"}
+    return result
+
+
+def write_probe(result: dict[str, Any], out_dir: str) -> list[str]:
+    """probe.json and the plots into `out_dir` (created); each file written whole, then
+    renamed into place. Returns the paths written."""
+    from mesh_megatron.analysis.plots import write_plots
+
+    check_out_dir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, PROBE_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return [path, *write_plots(result, out_dir)]

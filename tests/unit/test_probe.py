@@ -1,0 +1,233 @@
+"""The probe (mesh_megatron/analysis, tools/probe_mesh.py): metrics with known answers, the
+states it reads against the training model's own, and the tool end to end on tiny models.
+
+Checkpoints are written in-process as CheckpointManager lays them out (helpers of
+test_export.py); tests/distributed/test_probe_tp.py probes a real TP=2 run.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mesh_megatron.analysis import metrics
+from mesh_megatron.analysis.probe import ProbeSettings, load_model, run_probe, write_probe
+from mesh_megatron.analysis.states import StateReader
+from mesh_megatron.checkpoint.hf_export import export_to_hf
+from mesh_megatron.config import ConfigError
+from test_export import ROOT, SEQ, random_model, save_like_training, tiny, token_ids
+
+KEYS = ("states", "relative_update", "cka", "spectrum", "routers")
+SMALL = dict(samples=4, batch_size=2)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# metrics on synthetic inputs
+
+
+def test_cka_of_a_state_with_itself_is_one_and_symmetric():
+    x = torch.randn(3, 40, 16, generator=gen(0), dtype=torch.float64)
+    torch.testing.assert_close(metrics.cka(x, x), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    y = torch.tanh(x @ torch.randn(16, 24, generator=gen(1), dtype=torch.float64))
+    z = torch.randn(3, 40, 8, generator=gen(2), dtype=torch.float64)
+    m = metrics.cka_matrix([x, y, z])
+    assert m.shape == (3, 3, 3)
+    torch.testing.assert_close(m, m.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(torch.diagonal(m, dim1=1, dim2=2), torch.ones(3, 3, dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    # a related state is more similar than an unrelated one, and neither is 1
+    assert (m[:, 0, 1] > m[:, 0, 2] + 0.1).all() and (m[:, 0, 1] < 0.99).all()
+
+
+def test_cka_is_invariant_to_rotations_and_isotropic_scaling():
+    x = torch.randn(2, 48, 12, generator=gen(3), dtype=torch.float64)
+    y = torch.relu(x @ torch.randn(12, 20, generator=gen(4), dtype=torch.float64))
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=gen(5), dtype=torch.float64))
+    reference = metrics.cka(x, y)
+    assert (reference < 0.99).all()
+    for transformed in (x @ q, 37.0 * x, 1e-3 * (x @ q)):
+        torch.testing.assert_close(metrics.cka(transformed, y), reference, rtol=0, atol=1e-10)
+    # but not to an anisotropic scaling: the test above can fail
+    stretched = x * torch.tensor([50.0] + [1.0] * 11, dtype=torch.float64)
+    assert (metrics.cka(stretched, y) - reference).abs().max() > 1e-3
+
+
+def test_rbf_bandwidth_is_the_median_pairwise_distance():
+    # 3 tokens on a line at 0, 1, 3: squared distances 1, 9, 4 -> median 4 = sigma^2
+    x = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
+    k = metrics.rbf_gram(x)[0]
+    expected = torch.exp(-torch.tensor([[0, 1, 9], [1, 0, 4], [9, 4, 0]], dtype=torch.float64) / 8.0)
+    torch.testing.assert_close(k, expected, rtol=0, atol=1e-15)
+
+
+def test_relative_update_known_values():
+    h = torch.randn(4, 10, 8, generator=gen(6), dtype=torch.float64)
+    torch.testing.assert_close(metrics.relative_update(h, h), torch.zeros(4, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(metrics.relative_update(h, -h), torch.full((4,), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(metrics.relative_update(h, 2 * h), torch.full((4,), 2 / 3, dtype=torch.float64))
+    # one sequence [s, h] is a batch of one
+    assert metrics.relative_update(h[0], 3 * h[0]).shape == (1,)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_rank_r_state_has_r_nonzero_normalised_singular_values(rank):
+    a = torch.randn(60, rank, generator=gen(rank), dtype=torch.float64)
+    x = a @ torch.randn(rank, 32, generator=gen(10 + rank), dtype=torch.float64)  # [s=60, h=32], rank r
+    sv = metrics.normalized_spectrum(x, top=50)[0]
+    assert sv.shape == (32,)  # min(top, s, h)
+    assert sv[0] == 1.0 and (sv[:-1] >= sv[1:]).all()
+    assert int((sv > 1e-10).sum()) == rank
+    assert metrics.normalized_spectrum(x, top=5).shape == (1, 5)
+
+
+# -----------------------------------------------------------------------------
+# the states the probe reads
+
+
+def test_states_and_routers_equal_the_training_model(megatron_single, tmp_path):
+    cfg = tiny("mesh")
+    model = random_model(cfg)
+    save_like_training(tmp_path / "ckpt", cfg, model.state_dict())
+    probed = load_model(str(tmp_path / "ckpt"))
+    reader = StateReader(probed.model)
+    assert reader.names == ["h_emb", "h0", "h_1", "h_2", "h_out"]
+    assert reader.router_steps == ["transitional", "loop 1", "loop 2"] and reader.slots == 5
+
+    ids = token_ids()
+    seen = {}
+    routers = model.block.state_passing
+    hooks = [r.register_forward_hook(lambda m, i, out, key=(k, s): seen.__setitem__(key, out))
+             for k, group in (("write", routers.write_routers), ("read", routers.read_routers))
+             for s, r in enumerate(group)]
+    with torch.no_grad():
+        model(ids, observe=lambda name, h: seen.__setitem__(name, h.transpose(0, 1)))  # [s, b, h] -> [b, s, h]
+    for h in hooks:
+        h.remove()
+    capture = reader(ids)
+    for name, state in zip(reader.names, capture.states):
+        key = {"h_1": "h1", "h_2": "h2"}.get(name, name)
+        torch.testing.assert_close(state, seen[key], rtol=1e-5, atol=1e-5)
+    for s in range(3):
+        for which, got in (("write", capture.write), ("read", capture.read)):
+            torch.testing.assert_close(got[s], seen[(which, s)].transpose(0, 1), rtol=1e-5, atol=1e-6)
+            # a softmax over the slots: every token's weights sum to 1
+            torch.testing.assert_close(got[s].sum(-1), torch.ones(2, SEQ), rtol=0, atol=1e-6)
+            assert (got[s].max(-1).values < 0.99).all()  # the random routers are not one-hot
+
+
+# -----------------------------------------------------------------------------
+# the probe end to end
+
+
+def check_result(result, n_states, routers):
+    assert all(k in result for k in KEYS)
+    n = len(result["states"])
+    assert n == n_states and len(result["relative_update"]) == n - 1
+    assert len(result["cka"]) == n and all(len(row) == n for row in result["cka"])
+    assert len(result["spectrum"]) == n
+    values = [b["mean"] for b in result["relative_update"]] + sum(result["cka"], []) + sum(result["spectrum"], [])
+    assert all(math.isfinite(v) for v in values)
+    assert all(abs(result["cka"][i][i] - 1) < 1e-9 for i in range(n))
+    assert all(abs(row[0] - 1) < 1e-12 for row in result["spectrum"])
+    if routers:
+        r = result["routers"]
+        assert len(r["write"]) == len(r["read"]) == len(r["steps"])
+        for row in r["write"] + r["read"]:  # mean of per-token distributions: still sums to 1
+            assert len(row) == r["slots"] and abs(sum(row) - 1) < 1e-6 and min(row) >= 0
+    else:
+        assert result["routers"] is None
+
+
+def assert_same_probe(a, b, atol):
+    assert a["states"] == b["states"]
+    for key in ("cka", "spectrum"):
+        torch.testing.assert_close(torch.tensor(a[key]), torch.tensor(b[key]), rtol=0, atol=atol)
+    torch.testing.assert_close(torch.tensor([x["mean"] for x in a["relative_update"]]),
+                               torch.tensor([x["mean"] for x in b["relative_update"]]), rtol=0, atol=atol)
+    if a["routers"] or b["routers"]:
+        for key in ("write", "read"):
+            torch.testing.assert_close(torch.tensor(a["routers"][key]), torch.tensor(b["routers"][key]),
+                                       rtol=0, atol=atol)
+
+
+def test_probe_cli_on_checkpoint_equals_probe_of_its_export(megatron_single, tmp_path):
+    cfg = tiny("mesh")
+    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
+
+    out = tmp_path / "probe"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "probe_mesh.py"), "--load",
+                           str(tmp_path / "ckpt"), "--out", str(out), "--samples", "4", "--batch-size", "2"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "relative update: prelude" in proc.stdout and "wrote" in proc.stdout
+    for name in ("relative_update.png", "cka.png", "spectrum.png", "routers.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    from_ckpt = json.loads((out / "probe.json").read_text())
+    check_result(from_ckpt, 5, routers=True)
+    assert from_ckpt["data"] == {"source": "embedded corpus, validation split of 969,30,1", "samples": 4,
+                                 "seq_length": SEQ, "seed": 1234}
+    assert from_ckpt["model"]["variant"] == "mesh" and from_ckpt["model"]["layout"] == "1+2R2+1"
+
+    from_hf = run_probe(str(tmp_path / "hf"), ProbeSettings(**SMALL))
+    assert_same_probe(from_hf, from_ckpt, atol=1e-6)
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_vanilla_layout_reads_the_matched_depths(megatron_single, tmp_path):
+    cfg = tiny("vanilla")  # 6 layers
+    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
+    per_layer = run_probe(str(tmp_path / "ckpt"), ProbeSettings(**SMALL))
+    check_result(per_layer, 7, routers=False)
+    assert per_layer["states"] == ["h_emb", "layer_1", "layer_2", "layer_3", "layer_4", "layer_5", "h_out"]
+    grouped = run_probe(str(tmp_path / "ckpt"), ProbeSettings(vanilla_layout="1+2R2+1", **SMALL))
+    check_result(grouped, 5, routers=False)
+    assert [b["block"] for b in grouped["relative_update"]] == ["prelude", "block 1", "block 2", "coda"]
+    # h0 = after layer 1, h_1 = after layer 3, h_2 = after layer 5: the same numbers
+    pick = [0, 1, 3, 5, 6]
+    cka = torch.tensor(per_layer["cka"])[pick][:, pick]
+    torch.testing.assert_close(torch.tensor(grouped["cka"]), cka, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(grouped["spectrum"]), torch.tensor(per_layer["spectrum"])[pick],
+                               rtol=0, atol=1e-12)
+    paths = write_probe(grouped, str(tmp_path / "out"))
+    assert sorted(os.path.basename(p) for p in paths) == ["cka.png", "probe.json", "relative_update.png",
+                                                          "spectrum.png"]
+
+
+def test_base_probe_has_no_routers(megatron_single, tmp_path):
+    cfg = tiny("base")
+    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
+    result = run_probe(str(tmp_path / "ckpt"), ProbeSettings(samples=2, batch_size=2, seq_length=16))
+    check_result(result, 5, routers=False)
+    assert result["data"]["seq_length"] == 16
+
+
+def test_bad_inputs_each_give_one_clear_error(megatron_single, tmp_path):
+    cfg = tiny("mesh")
+    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
+    ckpt = str(tmp_path / "ckpt")
+    cases = [
+        (str(tmp_path / "nothing"), ProbeSettings(), "no such directory"),
+        (ckpt, ProbeSettings(seq_length=SEQ * 2), "longer than the 32 tokens"),
+        (ckpt, ProbeSettings(vanilla_layout="1+2R2+1"), "for vanilla models only"),
+        (ckpt, ProbeSettings(samples=0), "--samples must be >= 1"),
+        (ckpt, ProbeSettings(data_path=[str(tmp_path / "missing")], **SMALL), "missing"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((ckpt, ProbeSettings(device="cuda"), "sees no GPU"))
+    for load, settings, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            run_probe(load, settings)
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "probe_mesh.py"), "--load", ckpt,
+                           "--out", str(tmp_path / "file")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --out {tmp_path / 'file'} is a file: pass a directory"]

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Probe a model's states on held-out text: the diagnostics of docs/MESH_METHOD.md section 6.
+
+  python tools/probe_mesh.py --load checkpoints/embedded-default --out probe/
+  python tools/probe_mesh.py --load hf/run1 --out probe/ --data-path data/corpus --samples 128
+
+For the states h_emb, h0, h_1 .. h_K, h_out of every sequence (vanilla: after every layer, or
+at the depths of --layout), averaged over sequences:
+  relative update of each block   2 |f(h) - h|_F / (|f(h)|_F + |h|_F)
+  CKA between all states          RBF kernel over the sequence's tokens, sigma = median pairwise
+                                  token distance of that state (sigma^2 = median squared distance)
+  spectrum of each state          top-50 singular values / the largest
+  MeSH routers                    mean write / read weight per step and slot
+Writes DIR/probe.json (keys states, relative_update, cka, spectrum, routers, ...) and
+relative_update.png, cka.png, spectrum.png, routers.png (MeSH). The model runs in fp32, the
+metrics in float64; training checkpoints of any TP/PP are merged first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True,
+                   help="training checkpoint directory (pretrain_mesh.py --save) or Hugging Face directory")
+    p.add_argument("--out", required=True, help="directory for probe.json and the plots (created; files replaced)")
+    p.add_argument("--data-path", nargs="+", default=None,
+                   help="indexed-dataset prefix(es) tokenized with the model's tokenizer (default: the "
+                        "embedded corpus)")
+    p.add_argument("--split", default="969,30,1", help="train,valid,test shares; the validation split is probed")
+    p.add_argument("--samples", type=int, default=64, help="held-out sequences to average over")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="tokens per sequence (default: the model's training length)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--iteration", type=int, default=None, help="training checkpoints: this iteration, not latest")
+    p.add_argument("--layout", default=None,
+                   help="vanilla only: read states at the depths of this P+CrK+Q (default: every layer)")
+    p.add_argument("--seed", type=int, default=1234, help="dataset shuffling seed (training's default)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mesh_megatron.analysis.probe import ProbeSettings, check_out_dir, check_settings, run_probe, write_probe
+    from mesh_megatron.config import ConfigError
+
+    settings = ProbeSettings(samples=args.samples, seq_length=args.seq_length, batch_size=args.batch_size,
+                             device=args.device, data_path=args.data_path, split=args.split, seed=args.seed,
+                             iteration=args.iteration, vanilla_layout=args.layout)
+    try:
+        check_settings(settings)
+        check_out_dir(args.out)
+        result = run_probe(args.load, settings)
+        paths = write_probe(result, args.out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model, data = result["model"], result["data"]
+    print(f"probed {model['variant']} {model['layout']} ({model['source']}) on {data['samples']} x "
+          f"{data['seq_length']} tokens of the {data['source']}")
+    print("relative update: " + ", ".join(f"{b['block']} {b['mean']:.3f}" for b in result["relative_update"]))
+    names = result["states"]
+    print("CKA of consecutive states: " + ", ".join(
+        f"{a}~{b} {result['cka'][i][i + 1]:.3f}" for i, (a, b) in enumerate(zip(names, names[1:]))))
+    if result["routers"]:
+        r = result["routers"]
+        print("mean read weight per step (slots 0..B-1): " + "; ".join(
+            f"{s}: " + " ".join(f"{w:.2f}" for w in row) for s, row in zip(r["steps"], r["read"])))
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
