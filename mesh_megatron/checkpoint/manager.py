@@ -1,36 +1,75 @@
-"""Save and resume through the DeepSpeed engine, atomically, keeping the last K.
+"""Save and resume through the DeepSpeed engine: atomic, verified, and never touching other runs.
 
 Layout of a save directory:
 
-    SAVE/iter_0000010/          DeepSpeed's files (model states per TP rank, ZeRO shards)
-    SAVE/iter_0000010/tokenizer/          a copy of the run's tokenizer file
-    SAVE/iter_0000010/mesh_config.json   model config, parallel sizes, tokenizer; written last
-    SAVE/latest                 the tag of the newest *complete* checkpoint
+    SAVE/iter_0000010/                    DeepSpeed's files (model states per TP/PP rank, ZeRO shards)
+    SAVE/iter_0000010/save_in_progress.json   marker: written first, removed when the tag is complete
+    SAVE/iter_0000010/tokenizer/<file>    a copy of the run's tokenizer file
+    SAVE/iter_0000010/manifest.json       every file's size and SHA-256 (manifest.py)
+    SAVE/iter_0000010/mesh_config.json    model config, parallel sizes, tokenizer, run id; the commit record
+    SAVE/latest                           the tag of the newest *complete* checkpoint
 
-A save writes its tag directory, then (rank 0) replaces `latest` with an atomic rename.
-A crash before the rename leaves `latest` on the previous, complete checkpoint; the
-half-written directory is removed by the next save or resume.
+A save (rank 0 unless noted) writes the marker, then (all ranks) DeepSpeed's files, then the
+tokenizer copy, the manifest and mesh_config.json; removes the marker; and only then replaces
+`latest` with an atomic rename. A crash at any point leaves `latest` on the previous, complete
+checkpoint.
+
+Ownership: every tag records the `run_id` of the lineage that wrote it (a fresh id per run, or
+the id of the checkpoint it resumed from when --load and --save are the same directory).
+Cleanup deletes only tags of this lineage: an interrupted save (marker present), a tag of an
+abandoned future (a resumed run re-saving an iteration it reached before), and --keep-last
+pruning. Tags of other runs are never deleted, except with --overwrite-save.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import pickle
 import re
 import shutil
+import signal
+import uuid
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 
+from mesh_megatron.checkpoint.manifest import MANIFEST, build_manifest, verify_manifest
 from mesh_megatron.config import ConfigError, ModelConfig, ParallelConfig
 
 LATEST = "latest"
 CONFIG_FILE = "mesh_config.json"
+IN_PROGRESS = "save_in_progress.json"
 _TAG_RE = re.compile(r"^iter_(\d{7})$")
-# Test hook: "kill_during_save:N" SIGKILLs rank 0 while saving iteration N, after
-# DeepSpeed wrote the tag's files and before `latest` moves: a crash mid-checkpoint.
+
+# Test hook, "POINT:ITERATION[:RANK]" (comma-separated for several; RANK defaults to 0). At
+# POINT of the save of ITERATION, that rank SIGKILLs itself (kill_*) or sends itself SIGTERM
+# (sigterm_in_save: a second signal while a preemption save runs). Points, in save order:
+#   kill_before_files      marker written, no DeepSpeed file yet
+#   kill_torn_model        the model-states file is half written
+#   kill_between_files     model-states file complete, optimizer (ZeRO) file not started
+#   kill_after_files       all DeepSpeed files written (alias: kill_during_save), no tokenizer yet
+#   kill_torn_tokenizer    the tokenizer copy is half written
+#   kill_before_latest     the tag is complete (marker removed), `latest` not yet moved
 FAULT_ENV = "MESH_MEGATRON_FAULT"
+_ALIASES = {"kill_during_save": "kill_after_files"}
+
+
+def fault(point: str, iteration: int) -> None:
+    """Fire the test hook of FAULT_ENV if it names this point, iteration and rank."""
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        name, it, *rank = spec.split(":")
+        if _ALIASES.get(name, name) == point and int(it) == iteration \
+                and int(rank[0] if rank else 0) == dist.get_rank():
+            os.kill(os.getpid(), signal.SIGTERM if point.startswith("sigterm") else signal.SIGKILL)
+
+
+def _faulted(point: str, iteration: int) -> bool:
+    return any(_ALIASES.get(s.split(":")[0], s.split(":")[0]) == point and int(s.split(":")[1]) == iteration
+               for s in filter(None, os.environ.get(FAULT_ENV, "").split(",")))
 
 
 def tag_for(iteration: int) -> str:
@@ -46,19 +85,125 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _tags(directory: str) -> list[str]:
+    return sorted(t for t in os.listdir(directory) if _TAG_RE.match(t)) if os.path.isdir(directory) else []
+
+
+def _latest_tag(directory: str) -> Optional[str]:
+    try:
+        with open(os.path.join(directory, LATEST)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def tag_owner(tag_dir: str) -> Optional[str]:
+    """The run id that wrote (or is writing) this tag; None when it cannot be proven."""
+    for name in (IN_PROGRESS, CONFIG_FILE):
+        meta = _read_json(os.path.join(tag_dir, name))
+        if meta is not None:
+            return meta.get("run_id")
+    return None
+
+
+def tag_problem(load_dir: str, tag: str, checksums: bool = False) -> Optional[str]:
+    """None if `tag` is a complete checkpoint (sizes, and checksums if asked, as recorded)."""
+    tag_dir = os.path.join(load_dir, tag)
+    if not _TAG_RE.match(tag) or not os.path.isdir(tag_dir):
+        return "that directory does not exist"
+    if os.path.exists(os.path.join(tag_dir, IN_PROGRESS)):
+        return "its save did not finish (save_in_progress.json is still there)"
+    meta = _read_json(os.path.join(tag_dir, CONFIG_FILE))
+    if meta is None:
+        return f"its {CONFIG_FILE} is missing or unreadable (the save did not finish)"
+    if "run_id" not in meta:  # an import (writer.py) or an older save: nothing recorded to check
+        return None
+    return verify_manifest(tag_dir, checksums)
+
+
+def previous_loadable(load_dir: str, tag: str) -> Optional[str]:
+    """The newest tag before `tag` whose files are all there (sizes checked)."""
+    for older in reversed(_tags(load_dir)):
+        if older < tag and tag_problem(load_dir, older) is None:
+            return older
+    return None
+
+
+def _fallback_hint(load_dir: str, tag: str, flag: str) -> str:
+    prev = previous_loadable(load_dir, tag)
+    if prev is None:
+        return f"no earlier checkpoint in {load_dir} is complete: start fresh without {flag}"
+    return (f"the previous loadable checkpoint is {prev}: point {LATEST} at it "
+            f"(echo {prev} > {os.path.join(load_dir, LATEST)})")
+
+
 def read_latest(load_dir: str, flag: str = "--load") -> str:
     """The tag `latest` points at; a clear error if there is no complete checkpoint.
     `flag` names the input in the message (the CLI flag or what the tool calls it)."""
     if not os.path.isdir(load_dir):
         raise ConfigError(f"{flag} {load_dir} does not exist: pass the --save directory of a training run")
-    path = os.path.join(load_dir, LATEST)
-    if not os.path.exists(path):
+    tag = _latest_tag(load_dir)
+    if tag is None:
         raise ConfigError(f"{flag} {load_dir} holds no checkpoint (no '{LATEST}' file): pass the --save "
                           "directory of a training run that saved at least once, or drop --load to start fresh")
-    tag = open(path).read().strip()
-    if not os.path.isfile(os.path.join(load_dir, tag, CONFIG_FILE)):
-        raise ConfigError(f"{flag} {load_dir}: '{LATEST}' names {tag!r}, which is missing or incomplete")
+    problem = tag_problem(load_dir, tag)
+    if problem:
+        raise ConfigError(f"{flag} {load_dir}: '{LATEST}' names {tag!r}, but {problem}; "
+                          + _fallback_hint(load_dir, tag, flag))
     return tag
+
+
+def holds_checkpoints(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, LATEST)) or bool(_tags(directory))
+
+
+def same_dir(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_save_dir(save: Optional[str], load: Optional[str], overwrite: bool) -> None:
+    """Before anything is built: `save` is (or can be created as) a writable directory, and
+    does not hold another run's checkpoints unless it is also --load or --overwrite-save."""
+    if not save:
+        return
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise ConfigError(f"--save {save} is a file, not a directory: pass a directory path")
+    existing = os.path.abspath(save)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--save {save} cannot be created: {existing} is a file; pass another directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--save {save} is not writable ({existing} denies write access): "
+                          "pass a directory you can write to")
+    if holds_checkpoints(save) and not same_dir(save, load) and not overwrite:
+        latest = _latest_tag(save)
+        what = f"latest {latest}" if latest else ", ".join(_tags(save)[-3:])
+        raise ConfigError(f"--save {save} already holds checkpoints ({what}) of another run: resume it with "
+                          f"--load {save}, pass another --save directory, or --overwrite-save to replace them")
+
+
+def lineage(save: Optional[str], load: Optional[str]) -> str:
+    """This run's id in `save`: that of the checkpoint it resumes from the same directory (so
+    cleanup and --keep-last treat its saves as ours), else a fresh one."""
+    if same_dir(save, load):
+        latest = _latest_tag(load)
+        owner = tag_owner(os.path.join(load, latest)) if latest else None
+        if owner is None:  # no checkpoint yet: the crashed first save of this same command, if any
+            marked = [t for t in _tags(save) if os.path.exists(os.path.join(save, t, IN_PROGRESS))]
+            owner = tag_owner(os.path.join(save, marked[-1])) if marked else None
+        if owner:
+            return owner
+    return uuid.uuid4().hex[:16]
 
 
 def check_model_config(load_dir: str, tag: str, model: ModelConfig) -> None:
@@ -91,60 +236,140 @@ def check_parallel_layout(load_dir: str, tag: str, parallel: ParallelConfig) -> 
             "(weights only: optimizer, LR schedule and data position restart) and --load NEW_DIR")
 
 
+def _torn_save(original, iteration: int):
+    """checkpoint_engine.save for the kill_torn_model / kill_between_files hooks."""
+    def save(state_dict, path):
+        model_file = path.endswith("model_states.pt")
+        if model_file and _faulted("kill_torn_model", iteration) and dist.get_rank() == 0:
+            buffer = io.BytesIO()
+            torch.save(state_dict, buffer)
+            with open(path, "wb") as f:
+                f.write(buffer.getvalue()[:buffer.tell() // 2])
+            fault("kill_torn_model", iteration)
+        if not model_file:
+            fault("kill_between_files", iteration)
+        return original(state_dict, path)
+    return save
+
+
 class CheckpointManager:
     def __init__(self, save_dir: Optional[str], keep_last: int, parallel: ParallelConfig,
-                 tokenizer_type: str, tokenizer_file: str):
+                 tokenizer_type: str, tokenizer_file: str, run_id: Optional[str] = None,
+                 overwrite: bool = False):
         self.save_dir = save_dir
         self.keep_last = keep_last
         self.parallel = parallel
         self.tokenizer_type = tokenizer_type
         self.tokenizer_file = tokenizer_file
+        self.run_id = run_id or uuid.uuid4().hex[:16]  # only rank 0's is used
+        self.overwrite = overwrite
 
-    def _tags(self) -> list[str]:
-        return sorted(t for t in os.listdir(self.save_dir) if _TAG_RE.match(t))
+    def _path(self, tag: str) -> str:
+        return os.path.join(self.save_dir, tag)
 
-    def _remove_incomplete(self) -> None:
-        """Rank 0: delete tag directories newer than `latest` (left by a crashed save)."""
-        latest_path = os.path.join(self.save_dir, LATEST)
-        latest = open(latest_path).read().strip() if os.path.exists(latest_path) else ""
-        for tag in self._tags():
-            if tag > latest or not os.path.exists(os.path.join(self.save_dir, tag, CONFIG_FILE)):
-                shutil.rmtree(os.path.join(self.save_dir, tag), ignore_errors=True)
+    def _prepare(self, tag: str) -> str:
+        """Rank 0, before a save: clean up what this lineage left, make the tag and its marker.
+        "save"; "skip" when `tag` is already the complete `latest` of this lineage; else an error."""
+        os.makedirs(self.save_dir, exist_ok=True)
+        latest = _latest_tag(self.save_dir)
+        if tag == latest and tag_owner(self._path(tag)) == self.run_id \
+                and tag_problem(self.save_dir, tag) is None:
+            return "skip"
+        for t in _tags(self.save_dir):
+            owner = tag_owner(self._path(t))
+            interrupted = os.path.exists(os.path.join(self._path(t), IN_PROGRESS))
+            if t == latest and not interrupted:
+                continue
+            # Ours and interrupted, or ours from an abandoned future (we resumed from before it).
+            if owner == self.run_id and (interrupted or t >= tag):
+                shutil.rmtree(self._path(t))
+            elif t == tag and self.overwrite:
+                shutil.rmtree(self._path(t))
+        if os.path.exists(self._path(tag)):
+            return (f"--save {self.save_dir}: {tag} exists and was not written by this run; it is left "
+                    "alone: move it away, or pass another --save directory")
+        os.makedirs(self._path(tag))
+        _write_atomic(os.path.join(self._path(tag), IN_PROGRESS),
+                      json.dumps({"run_id": self.run_id, "pid": os.getpid()}))
+        return "save"
+
+    def _finish(self, tag: str, iteration: int, model: ModelConfig, client_state: dict[str, Any]) -> None:
+        """Rank 0, after every rank's DeepSpeed files: tokenizer, manifest, commit, publish, prune."""
+        tok_dir = os.path.join(self._path(tag), "tokenizer")
+        os.makedirs(tok_dir, exist_ok=True)
+        tok_name = os.path.basename(self.tokenizer_file)
+        if _faulted("kill_torn_tokenizer", iteration):
+            with open(self.tokenizer_file, "rb") as src, open(os.path.join(tok_dir, tok_name), "wb") as dst:
+                dst.write(src.read()[:os.path.getsize(self.tokenizer_file) // 2])
+            fault("kill_torn_tokenizer", iteration)
+        shutil.copyfile(self.tokenizer_file, os.path.join(tok_dir, tok_name))
+        manifest = build_manifest(self._path(tag), self.run_id, iteration, skip={IN_PROGRESS, CONFIG_FILE})
+        _write_atomic(os.path.join(self._path(tag), MANIFEST), json.dumps(manifest, indent=1))
+        meta = {"model": dataclasses.asdict(model), "iteration": iteration,
+                "parallel": dataclasses.asdict(self.parallel),
+                "tokenizer": {"type": self.tokenizer_type, "file": f"tokenizer/{tok_name}"},
+                "recipe": client_state.get("recipe"),  # --load DIR alone continues this run
+                "run_id": self.run_id}
+        _write_atomic(os.path.join(self._path(tag), CONFIG_FILE), json.dumps(meta, indent=1))
+        os.remove(os.path.join(self._path(tag), IN_PROGRESS))
+        fault("kill_before_latest", iteration)
+        _write_atomic(os.path.join(self.save_dir, LATEST), tag)
+        ours = [t for t in _tags(self.save_dir) if tag_owner(self._path(t)) == self.run_id
+                and tag_problem(self.save_dir, t) is None]
+        for old in ours[:-self.keep_last] if self.keep_last > 0 else []:
+            if old != tag:
+                shutil.rmtree(self._path(old))
+        if self.overwrite:  # the user asked to replace the other runs' checkpoints
+            for t in _tags(self.save_dir):
+                if tag_owner(self._path(t)) != self.run_id:
+                    shutil.rmtree(self._path(t))
+            self.overwrite = False
 
     def save(self, engine, iteration: int, model: ModelConfig, client_state: dict[str, Any]) -> str:
         tag = tag_for(iteration)
-        rank0 = dist.get_rank() == 0
-        if rank0:
-            os.makedirs(self.save_dir, exist_ok=True)
-            self._remove_incomplete()
+        go = [self._prepare(tag) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(go, src=0)  # also orders the marker before every rank's files
+        if go[0] == "skip":
+            return tag
+        if go[0] != "save":
+            raise ConfigError(go[0])
+        fault("sigterm_in_save", iteration)
+        fault("kill_before_files", iteration)
+        original = engine.checkpoint_engine.save
+        if _faulted("kill_torn_model", iteration) or _faulted("kill_between_files", iteration):
+            engine.checkpoint_engine.save = _torn_save(original, iteration)
+        try:
+            engine.save_checkpoint(self.save_dir, tag=tag, client_state=client_state, save_latest=False)
+        finally:
+            engine.checkpoint_engine.save = original
         dist.barrier()
-        engine.save_checkpoint(self.save_dir, tag=tag, client_state=client_state, save_latest=False)
-        dist.barrier()
-        if os.environ.get(FAULT_ENV) == f"kill_during_save:{iteration}" and rank0:
-            os.kill(os.getpid(), 9)
-        if rank0:
-            tok_dir = os.path.join(self.save_dir, tag, "tokenizer")
-            os.makedirs(tok_dir, exist_ok=True)
-            tok_name = os.path.basename(self.tokenizer_file)
-            shutil.copyfile(self.tokenizer_file, os.path.join(tok_dir, tok_name))
-            meta = {"model": dataclasses.asdict(model), "iteration": iteration,
-                    "parallel": dataclasses.asdict(self.parallel),
-                    "tokenizer": {"type": self.tokenizer_type, "file": f"tokenizer/{tok_name}"}}
-            _write_atomic(os.path.join(self.save_dir, tag, CONFIG_FILE), json.dumps(meta, indent=1))
-            _write_atomic(os.path.join(self.save_dir, LATEST), tag)
-            for old in self._tags()[:-self.keep_last]:
-                shutil.rmtree(os.path.join(self.save_dir, old), ignore_errors=True)
+        fault("kill_after_files", iteration)
+        if dist.get_rank() == 0:
+            self._finish(tag, iteration, model, client_state)
         dist.barrier()
         return tag
 
     @staticmethod
     def load(engine, load_dir: str, tag: str) -> dict[str, Any]:
         """Resume a run; or, for a weights-only checkpoint (an import, see writer.py), load the
-        module weights alone and return {"weights_only": True}: fresh optimizer, iteration 0."""
+        module weights alone and return {"weights_only": True}: fresh optimizer, iteration 0.
+
+        Rank 0 verifies every file against the tag's manifest first (sizes and SHA-256) and all
+        ranks stop with the same one-line error when something is torn or corrupt."""
+        problem = [tag_problem(load_dir, tag, checksums=True) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0]:
+            raise ConfigError(f"--load {load_dir}: checkpoint {tag} is damaged ({problem[0]}); "
+                              + _fallback_hint(load_dir, tag, "--load"))
         weights_only = is_weights_only(load_dir, tag)
-        path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=not weights_only,
-                                                    load_lr_scheduler_states=not weights_only,
-                                                    load_module_only=weights_only)
+        try:
+            path, client_state = engine.load_checkpoint(
+                load_dir, tag=tag, load_optimizer_states=not weights_only,
+                load_lr_scheduler_states=not weights_only, load_module_only=weights_only)
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ConfigError(f"--load {load_dir}: checkpoint {tag} could not be read ({type(e).__name__}: "
+                              f"{first[:200]}); " + _fallback_hint(load_dir, tag, "--load")) from None
         if path is None:
             raise ConfigError(f"--load {load_dir}/{tag}: DeepSpeed could not read the checkpoint")
         return {"weights_only": True} if weights_only else client_state

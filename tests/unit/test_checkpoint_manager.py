@@ -1,0 +1,190 @@
+"""CheckpointManager without DeepSpeed: manifests, ownership of tags, cleanup, pruning, save dirs,
+and the preemption flag. Saves are simulated: _prepare, one fake DeepSpeed file, _finish."""
+
+import json
+import os
+import signal
+
+import pytest
+
+from mesh_megatron.checkpoint import manager as cm
+from mesh_megatron.checkpoint.manifest import MANIFEST, build_manifest, verify_manifest
+from mesh_megatron.config import ConfigError, ParallelConfig, preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODEL = preset("tiny", "mesh")
+
+
+def manager(save, run_id, keep_last=10, overwrite=False, tokenizer=None):
+    tok = tokenizer or os.path.join(ROOT, "mesh_megatron/data/corpus/tokenizer.model")
+    return cm.CheckpointManager(str(save), keep_last, ParallelConfig(), "sentencepiece", tok,
+                                run_id=run_id, overwrite=overwrite)
+
+
+def fake_save(m, iteration, payload=b"weights"):
+    """What CheckpointManager.save does on one rank, with a fake DeepSpeed file."""
+    tag = cm.tag_for(iteration)
+    assert m._prepare(tag) == "save"
+    with open(os.path.join(m.save_dir, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+        f.write(payload * 100)
+    m._finish(tag, iteration, MODEL, {})
+    return tag
+
+
+def crashed_save(m, iteration):
+    """A save killed after DeepSpeed's files: marker still there, `latest` not moved."""
+    tag = cm.tag_for(iteration)
+    assert m._prepare(tag) == "save"
+    (open(os.path.join(m.save_dir, tag, "mp_rank_00_model_states.pt"), "wb")).write(b"half")
+    return tag
+
+
+def tags(save):
+    return sorted(t for t in os.listdir(save) if t.startswith("iter_"))
+
+
+def test_manifest_catches_truncation_and_corruption(tmp_path):
+    (tmp_path / "a.pt").write_bytes(b"x" * 1000)
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "t.model").write_bytes(b"tok")
+    (tmp_path / MANIFEST).write_text(json.dumps(build_manifest(str(tmp_path), "r1", 3, skip=set())))
+    files = json.loads((tmp_path / MANIFEST).read_text())["files"]
+    assert files.keys() == {"a.pt", "tokenizer/t.model"} and files["a.pt"]["size"] == 1000
+    assert verify_manifest(str(tmp_path), checksums=True) is None
+    (tmp_path / "a.pt").write_bytes(b"x" * 999 + b"y")  # same size, one byte flipped
+    assert verify_manifest(str(tmp_path), checksums=False) is None  # sizes alone cannot see it
+    assert verify_manifest(str(tmp_path), checksums=True) == \
+        "a.pt does not match its SHA-256 in the manifest (corrupt)"
+    (tmp_path / "a.pt").write_bytes(b"x" * 500)
+    assert verify_manifest(str(tmp_path), checksums=False) == \
+        "a.pt is 500 bytes, the manifest says 1000 (truncated or overwritten)"
+    os.remove(tmp_path / "tokenizer" / "t.model")
+    (tmp_path / "a.pt").write_bytes(b"x" * 1000)
+    assert verify_manifest(str(tmp_path), checksums=False) == "tokenizer/t.model is missing"
+
+
+def test_save_layout_manifest_and_marker_removed(tmp_path):
+    m = manager(tmp_path / "ck", "run-a")
+    tag = fake_save(m, 2)
+    tag_dir = tmp_path / "ck" / tag
+    assert (tmp_path / "ck" / "latest").read_text() == tag
+    assert not (tag_dir / cm.IN_PROGRESS).exists()
+    meta = json.loads((tag_dir / cm.CONFIG_FILE).read_text())
+    assert meta["run_id"] == "run-a" and meta["iteration"] == 2
+    files = json.loads((tag_dir / MANIFEST).read_text())["files"]
+    assert sorted(files) == ["mp_rank_00_model_states.pt", "tokenizer/tokenizer.model"]
+    assert cm.read_latest(str(tmp_path / "ck")) == tag
+    assert m._prepare(tag) == "skip"  # saving the published iteration again changes nothing
+
+
+def test_torn_latest_names_the_tag_and_the_previous_loadable_one(tmp_path):
+    save = tmp_path / "ck"
+    m = manager(save, "run-a")
+    fake_save(m, 2)
+    fake_save(m, 4)
+    with open(save / "iter_0000004" / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ConfigError) as e:
+        cm.read_latest(str(save))
+    assert str(e.value) == (
+        f"--load {save}: 'latest' names 'iter_0000004', but mp_rank_00_model_states.pt is 10 bytes, the "
+        f"manifest says 700 (truncated or overwritten); the previous loadable checkpoint is iter_0000002: "
+        f"point latest at it (echo iter_0000002 > {save}/latest)")
+    (save / "latest").write_text("iter_0000009")  # names a tag with no files
+    with pytest.raises(ConfigError, match="'latest' names 'iter_0000009', but that directory does not exist; "
+                                          "the previous loadable checkpoint is iter_0000002"):
+        cm.read_latest(str(save))
+    (save / "latest").write_text("iter_0000002")
+    os.remove(save / "iter_0000002" / MANIFEST)
+    with pytest.raises(ConfigError, match="has no manifest.json .*no earlier checkpoint in .* is complete: "
+                                          "start fresh without --load"):
+        cm.read_latest(str(save))
+
+
+def test_cleanup_removes_only_this_lineage(tmp_path):
+    """The issue's bug: a second run into the same --save deleted the first run's checkpoints."""
+    save = tmp_path / "ck"
+    first = manager(save, "first", keep_last=2)
+    fake_save(first, 2)
+    crashed_save(first, 3)                               # first run's interrupted save
+    other = manager(save, "other", keep_last=1)
+    fake_save(other, 1)                                  # (allowed only with --overwrite-save / same dir)
+    crashed_save(other, 5)
+    assert tags(save) == ["iter_0000001", "iter_0000002", "iter_0000003", "iter_0000005"]
+    fake_save(other, 6)
+    # `other` removed its own interrupted iter 5 and pruned its iter 1 (keep 1); first's tags stay.
+    assert tags(save) == ["iter_0000002", "iter_0000003", "iter_0000006"]
+    assert cm.tag_owner(str(save / "iter_0000003")) == "first"
+    # A tag of another run at the iteration being saved is never deleted: the save refuses.
+    msg = first._prepare("iter_0000006")
+    assert msg.startswith(f"--save {save}: iter_0000006 exists and was not written by this run")
+    assert tags(save) == ["iter_0000002", "iter_0000006"]  # first cleaned its own iter 3 only
+
+
+def test_resumed_lineage_replaces_its_abandoned_future_and_prunes(tmp_path):
+    save = tmp_path / "ck"
+    m = manager(save, "run-a", keep_last=2)
+    for it in (2, 4, 6):
+        fake_save(m, it)
+    assert tags(save) == ["iter_0000004", "iter_0000006"]
+    crashed_save(m, 8)
+    assert cm.lineage(str(save), str(save)) == "run-a"         # --load DIR --save DIR continues it
+    assert cm.lineage(str(save), str(tmp_path / "x")) != "run-a"  # another --load: a new lineage
+    (save / "latest").write_text("iter_0000004")  # as after a resume from 4 (e.g. 6 was damaged)
+    again = manager(save, cm.lineage(str(save), str(save)), keep_last=2)
+    fake_save(again, 5)
+    assert tags(save) == ["iter_0000004", "iter_0000005"]  # 6 (abandoned) and 8 (interrupted) gone
+
+
+def test_overwrite_save_replaces_other_runs_after_the_first_save(tmp_path):
+    save = tmp_path / "ck"
+    fake_save(manager(save, "old"), 2)
+    fake_save(manager(save, "old"), 7)
+    new = manager(save, "new", overwrite=True)
+    fake_save(new, 2)  # collides with old's iter 2: replaced
+    assert tags(save) == ["iter_0000002"] and cm.tag_owner(str(save / "iter_0000002")) == "new"
+
+
+def test_crash_marker_of_first_save_is_adopted_by_the_same_command(tmp_path):
+    save = tmp_path / "ck"
+    crashed_save(manager(save, "job"), 5)
+    assert cm.lineage(str(save), str(save)) == "job"
+    fake_save(manager(save, cm.lineage(str(save), str(save))), 5)
+    assert (save / "latest").read_text() == "iter_0000005"
+
+
+def test_save_dir_checks(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"^--save {tmp_path}/file is a file, not a directory"):
+        cm.check_save_dir(str(tmp_path / "file"), None, False)
+    with pytest.raises(ConfigError, match=f"cannot be created: {tmp_path}/file is a file"):
+        cm.check_save_dir(str(tmp_path / "file" / "sub"), None, False)
+    cm.check_save_dir(str(tmp_path / "new" / "deeper"), None, False)  # creatable: fine, nothing made
+    assert not (tmp_path / "new").exists()
+    fake_save(manager(tmp_path / "ck", "a"), 2)
+    with pytest.raises(ConfigError) as e:
+        cm.check_save_dir(str(tmp_path / "ck"), None, False)
+    assert str(e.value) == (f"--save {tmp_path}/ck already holds checkpoints (latest iter_0000002) of another "
+                            f"run: resume it with --load {tmp_path}/ck, pass another --save directory, or "
+                            "--overwrite-save to replace them")
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        cm.check_save_dir(str(tmp_path / "ck"), str(tmp_path / "other"), False)
+    cm.check_save_dir(str(tmp_path / "ck"), str(tmp_path / "ck"), False)
+    cm.check_save_dir(str(tmp_path / "ck"), None, True)
+
+
+def test_preemption_flag_signal_and_duration(megatron_single):
+    from mesh_megatron.training.preemption import Preemption
+
+    before = signal.getsignal(signal.SIGINT)
+    p = Preemption().install()
+    try:
+        assert p.should_stop(1) is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal: recorded once, no KeyboardInterrupt
+        assert p.received == signal.SIGTERM and p.should_stop(2) == "signal"
+    finally:
+        p.uninstall()
+    assert signal.getsignal(signal.SIGINT) is before
+    assert Preemption(exit_duration_in_mins=0.0).should_stop(1) == "time"
+    assert Preemption(exit_duration_in_mins=60.0).should_stop(1) is None
