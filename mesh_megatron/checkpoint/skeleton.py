@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mesh_megatron.checkpoint.key_map import is_ignored
-from mesh_megatron.config import ConfigError, ModelConfig, ParallelConfig, to_transformer_config, validate
+from mesh_megatron.config import ConfigError, ExecutionConfig, ModelConfig, ParallelConfig, to_transformer_config, validate
 
 
 def with_padded_vocab_of(config: ModelConfig, tensor_parallel_size: int) -> ModelConfig:
@@ -26,7 +26,6 @@ def with_padded_vocab_of(config: ModelConfig, tensor_parallel_size: int) -> Mode
 
 
 def _build(config: ModelConfig, device: str, initialize: bool, stage=None) -> nn.Module:
-    from megatron.core.models.backends import LocalSpecProvider
 
     from mesh_megatron.model import MeshGPTModel
     from mesh_megatron.parallel.initialize import initialize_distributed
@@ -34,12 +33,13 @@ def _build(config: ModelConfig, device: str, initialize: bool, stage=None) -> nn
     validate(config)
     initialize_distributed(ParallelConfig())  # no-op when this process already has groups
     with torch.device(device):
-        # The local (torch) backend on every host: its parameter names are Transformer Engine's
-        # (layer_spec.py keeps norms separate), and conversion needs no GPU kernels. A fixed
+        # megatron's local layers with torch sdpa on every host: their parameter names are
+        # Transformer Engine's (layer_spec.py keeps norms separate), and conversion needs no
+        # GPU kernels. A fixed
         # init_seed: no random draw, which the meta device cannot .item(); the values are
         # overwritten by the checkpoint's anyway.
         return MeshGPTModel(config, to_transformer_config(config, perform_initialization=initialize),
-                            backend=LocalSpecProvider(), init_seed=0, stage=stage)
+                            execution=ExecutionConfig(attention_backend="sdpa"), init_seed=0, stage=stage)
 
 
 def meta_model(config: ModelConfig, stage=None) -> nn.Module:

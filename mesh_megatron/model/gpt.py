@@ -23,23 +23,24 @@ from torch import Tensor
 
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
-from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mesh_megatron.config import ModelConfig
+from mesh_megatron.config import ExecutionConfig, ModelConfig
 from mesh_megatron.model.initialization import initialize_parameters, tag_tensor_parallel_weights
-from mesh_megatron.model.layer_spec import default_backend, neox_layer_spec
+from mesh_megatron.model.attention import backend_provider
+from mesh_megatron.model.layer_spec import neox_layer_spec
 from mesh_megatron.model.recursive_block import RecursiveBlock, StateObserver
 
 
 class MeshGPTModel(MegatronModule):
     def __init__(self, config: ModelConfig, tf_config: TransformerConfig,
-                 backend: Optional[BackendSpecProvider] = None, stage=None, init_seed: Optional[int] = None):
-        """`stage`: a pipeline_layout.Stage (which pieces live here); None = the whole model.
+                 execution: Optional[ExecutionConfig] = None, stage=None, init_seed: Optional[int] = None):
+        """`execution`: attention backend and activation recompute (default: auto, none).
+        `stage`: a pipeline_layout.Stage (which pieces live here); None = the whole model.
         `init_seed`: weights drawn per parameter name (model/initialization.py), so they do not
         depend on TP or PP; None draws the seed from torch's global generator."""
         super().__init__(config=tf_config)
@@ -47,7 +48,9 @@ class MeshGPTModel(MegatronModule):
         # megatron's layers would draw every weight too, only for initialize_parameters to
         # overwrite it: build them without their init (tags are added below instead).
         tf_config = dataclasses.replace(tf_config, perform_initialization=False)
-        backend = backend or default_backend()
+        execution = execution or ExecutionConfig()
+        execution.validate()
+        backend = backend_provider(execution.attention_backend)
         self.model_config = config
         self.padded_vocab_size = config.padded_vocab_size(tf_config.tensor_model_parallel_size)
         self.embedding_multiplier = config.embedding_multiplier
@@ -72,7 +75,7 @@ class MeshGPTModel(MegatronModule):
             config, tf_config, neox_layer_spec(backend),
             prelude=None if stage is None else stage.prelude,
             has_core=stage is None or stage.core,
-            coda=None if stage is None else stage.coda,
+            coda=None if stage is None else stage.coda, recompute=execution.recompute,
         )
         if self.post_process:
             self.final_layernorm = build_module(

@@ -5,8 +5,9 @@
 megatron-core's TransformerLayer is sequential (x -> x + attn -> x + mlp), so the layer
 class here is ours, and everything inside it comes from megatron-core through the spec:
 SelfAttention (rotary, causal core attention), MLP, tensor-parallel linears and norms.
-Swap a kernel by swapping the backend (local torch on CPU, Transformer Engine on GPU)
-without forking the layer.
+Swap a kernel by swapping the backend (model/attention.py: megatron's local layers with
+torch sdpa or megatron's reference attention, or Transformer Engine on GPU) without
+forking the layer.
 
 Names mirror the Hugging Face export (`input_layernorm`, `post_attention_layernorm`),
 so the key map stays short.
@@ -20,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -70,26 +71,12 @@ class NeoXLayer(MegatronModule):
         return hidden_states + attn + mlp
 
 
-def default_backend() -> BackendSpecProvider:
-    """Transformer Engine when it is importable and a GPU is present, local torch otherwise."""
-    if torch.cuda.is_available():
-        try:
-            from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
-            import transformer_engine  # noqa: F401
-
-            return TESpecProvider()
-        except ImportError:
-            pass
-    return LocalSpecProvider()
-
-
-def neox_layer_spec(backend: Optional[BackendSpecProvider] = None) -> ModuleSpec:
-    """ModuleSpec of the GPT-NeoX layer for a backend (default: `default_backend()`).
+def neox_layer_spec(backend: BackendSpecProvider) -> ModuleSpec:
+    """ModuleSpec of the GPT-NeoX layer for a backend (model/attention.backend_provider).
 
     Layer norms stay separate modules (not fused into the following linear) so the
     parameter names are the same on every backend and checkpoints move between them.
     """
-    backend = backend or default_backend()
     norm = backend.layer_norm(rms_norm=False, for_qk=False)
     return ModuleSpec(
         module=NeoXLayer,

@@ -12,6 +12,15 @@ blocks (`core` then holds C*K layers, block t = layers t*C .. t*C+C-1) with the 
 buffer between them. Layer numbers (1-based, as megatron counts) follow unique layers:
 prelude, core, coda, the same order the export uses.
 
+Activation recomputation (`recompute`, megatron-core's RNG-aware tensor_parallel.checkpoint,
+so dropout draws the same numbers when the forward reruns in backward):
+    none    every layer's activations are kept
+    loop    prelude and coda are recomputed as blocks and each core iteration as one block:
+            only the states between iterations (and what the state passing keeps) stay
+            live, so activation memory no longer grows with C per iteration. `vanilla`
+            has no loop and recomputes per layer.
+    layer   each layer is recomputed on its own (only layer inputs stay live)
+
 Under pipeline parallelism a block holds only its stage's pieces (parallel/pipeline_layout).
 Prelude and coda layers are keyed by their global index (`prelude.5` is prelude layer 5 on
 whichever stage owns it), so every stage's parameter names are the full model's names.
@@ -21,8 +30,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -37,11 +48,13 @@ StateObserver = Callable[[str, Tensor], None]
 class RecursiveBlock(MegatronModule):
     def __init__(self, config: ModelConfig, tf_config: TransformerConfig, layer_spec: ModuleSpec,
                  prelude: Optional[list[int]] = None, has_core: bool = True,
-                 coda: Optional[list[int]] = None):
+                 coda: Optional[list[int]] = None, recompute: str = "none"):
         """`prelude`/`coda`: the global layer indices this stage holds (default: all);
-        `has_core`: whether the looped core (and its state passing) lives here."""
+        `has_core`: whether the looped core (and its state passing) lives here;
+        `recompute`: none / loop / layer (module docstring)."""
         super().__init__(config=tf_config)
         self.model_config = config
+        self.recompute = recompute
         layout = config.parsed_layout
         self.loops = layout.loops
         self.core_layers = layout.core
@@ -67,10 +80,23 @@ class RecursiveBlock(MegatronModule):
         return self.core[t * self.core_layers:(t + 1) * self.core_layers]
 
     @staticmethod
-    def _run(layers, h: Tensor, rotary_pos_emb: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    def _layers(layers, h: Tensor, rotary_pos_emb: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
         for layer in layers:
             h = layer(h, rotary_pos_emb, attention_mask)
         return h
+
+    def _run(self, layers, h: Tensor, rotary_pos_emb: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+        """Apply `layers` in order; under recompute (training only) keep just the inputs of
+        each layer (`layer`) or of the whole run (`loop`) and rerun the forward in backward."""
+        layers = list(layers)
+        if self.recompute == "none" or not self.training or not layers or not torch.is_grad_enabled():
+            return self._layers(layers, h, rotary_pos_emb, attention_mask)
+        if self.recompute == "layer" or not self.core_layers:  # vanilla has no loop: per layer
+            for layer in layers:
+                h = tensor_parallel.checkpoint(layer, False, h, rotary_pos_emb, attention_mask)
+            return h
+        return tensor_parallel.checkpoint(
+            lambda x, rot, mask: self._layers(layers, x, rot, mask), False, h, rotary_pos_emb, attention_mask)
 
     def forward(self, hidden: Tensor, h_emb: Optional[Tensor], rotary_pos_emb: Tensor,
                 attention_mask: Optional[Tensor] = None, observe: Optional[StateObserver] = None) -> Tensor:

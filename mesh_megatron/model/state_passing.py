@@ -12,7 +12,7 @@ States are `[s, b, h]`. `carry` holds whatever the variant keeps during one forw
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -78,12 +78,35 @@ class Router(nn.Linear):
         return torch.softmax(super().forward(h).float(), dim=-1)
 
 
+class MeshCarry(NamedTuple):
+    """What MeSH keeps during one forward: slot 0's content and every write so far.
+
+    The buffer itself is never materialised (see MeshStatePassing)."""
+
+    h_emb: Tensor  # [s, b, h], slot 0's initial content
+    values: list[Tensor]  # [s, b, h] per write: h_pre, then y_0 .. y_{t}
+    writes: list[Tensor]  # [s, b, B] fp32 write weights of each write
+
+
 class MeshStatePassing(nn.Module):
     """MeSH: a buffer of B slots with a write and a read router per step.
 
     Step 0 is the transitional step (routers read h_pre), step t+1 is loop iteration t
     (routers read h_t, the state entering the core). Writes are additive: m_b += w_b * y;
     the read after the write is the next state. Buffer: `[B, s, b, h]`, m_0 = h_emb.
+
+    Memory: stored as a tensor, the buffer costs one `[B, s, b, h]` copy per step kept for
+    backward (the read's gradient needs it): (K + 1) * B hidden states beyond the base
+    recursion. Because writes are additive, the buffer after write j is linear in what was
+    written,
+
+        m_b = [b == 0] h_emb + sum_{i<=j} w_{i,b} v_i
+        read(r) = sum_b r_b m_b = r_0 h_emb + sum_{i<=j} (r . w_i) v_i,
+
+    so the read is computed from the per-token scalars c_i = r . w_i (fp32, `[s, b, 1]`) and
+    the written values themselves. Kept for backward: h_emb and the K + 1 written values,
+    nothing `[B, ...]`. Same math as the buffer form (hf/modeling_mesh.py keeps that form,
+    read top to bottom); the sums run in another order, so they agree to rounding.
     """
 
     def __init__(self, hidden_size: int, slots: int, loops: int):
@@ -92,20 +115,20 @@ class MeshStatePassing(nn.Module):
         self.write_routers = nn.ModuleList(Router(hidden_size, slots) for _ in range(loops + 1))
         self.read_routers = nn.ModuleList(Router(hidden_size, slots) for _ in range(loops + 1))
 
-    def _write_read(self, step: int, router_input: Tensor, value: Tensor, buffer: Tensor) -> tuple[Tensor, Tensor]:
-        # [s, b, B] fp32 -> [B, s, b, 1] in the buffer's dtype, so it scales whole slots.
-        w = self.write_routers[step](router_input).to(value.dtype).permute(2, 0, 1).unsqueeze(-1)
-        r = self.read_routers[step](router_input).to(value.dtype).permute(2, 0, 1).unsqueeze(-1)
-        buffer = buffer + w * value.unsqueeze(0)  # additive write, nothing overwritten
-        return (r * buffer).sum(dim=0), buffer  # read after the write: [s, b, h]
+    def _write_read(self, step: int, router_input: Tensor, value: Tensor, carry: MeshCarry) -> tuple[Tensor, MeshCarry]:
+        w = self.write_routers[step](router_input)  # [s, b, B] fp32
+        r = self.read_routers[step](router_input)  # [s, b, B] fp32
+        carry = MeshCarry(carry.h_emb, carry.values + [value], carry.writes + [w])  # write, then read
+        out = r[..., :1].to(value.dtype) * carry.h_emb.to(value.dtype)
+        for v, w_i in zip(carry.values, carry.writes):
+            out = out + (r * w_i).sum(dim=-1, keepdim=True).to(v.dtype) * v  # [s, b, 1] * [s, b, h]
+        return out, carry
 
-    def start(self, h_emb: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
-        buffer = torch.zeros((self.slots, *h_emb.shape), dtype=h_pre.dtype, device=h_pre.device)
-        buffer = torch.cat([h_emb.to(h_pre.dtype).unsqueeze(0), buffer[1:]], dim=0)  # m_0 = h_emb
-        return self._write_read(0, h_pre, h_pre, buffer)
+    def start(self, h_emb: Tensor, h_pre: Tensor) -> tuple[Tensor, MeshCarry]:
+        return self._write_read(0, h_pre, h_pre, MeshCarry(h_emb, [], []))
 
-    def step(self, t: int, h_t: Tensor, y: Tensor, buffer: Tensor) -> tuple[Tensor, Tensor]:
-        return self._write_read(t + 1, h_t, y, buffer)
+    def step(self, t: int, h_t: Tensor, y: Tensor, carry: MeshCarry) -> tuple[Tensor, MeshCarry]:
+        return self._write_read(t + 1, h_t, y, carry)
 
 
 def build_state_passing(config: ModelConfig) -> nn.Module:

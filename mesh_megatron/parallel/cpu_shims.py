@@ -90,6 +90,10 @@ def apply() -> None:
     # RNG tracker: megatron's forks CUDA generator states (see CpuRNGStatesTracker).
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recompute (tensor_parallel.checkpoint) saves and restores the CUDA generator
+    # beside the CPU one and the tracker; on CPU there is no CUDA generator to save.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     # RotaryEmbedding.get_emb moves its table to torch.cuda.current_device(): answer "cpu".
     torch.cuda.current_device = lambda: "cpu"
     # The local attention builds its causal mask with device="cuda"; build it on CPU.
