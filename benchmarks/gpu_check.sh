@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one node, >= 1 GPU, no internet, a python3 that has a CUDA torch.
+#
+#   benchmarks/gpu_check.sh WHEELHOUSE OUT
+#
+# WHEELHOUSE comes from tools/build_wheelhouse.sh (megatron-core, deepspeed, pydantic, ...);
+# it is installed with `pip install --no-index --no-deps --target` into a scratch folder put on
+# PYTHONPATH, the project runs from this checkout. Then, each step under a `timeout`
+# (about 6 minutes in all on one H100):
+#   1. pytest -m gpu tests/gpu   sdpa vs local, recompute vs none, a bf16 step, a 10-step
+#                                `deepspeed --num_gpus 1` pythia-160m mesh bf16 run with loss falling
+#   2. benchmarks/throughput.py  pythia-160m and pythia-1.4b (seq 4096, bf16, vanilla/base/mesh)
+#                                and pythia-410m with HF GPTNeoX alongside
+#   3. OUT/gpu_report.md + OUT/gpu_report.json: card, date, versions, the tables
+# Any failing step stops the check with a non-zero exit and OUT/FAILED naming the step; no
+# report is written then (never a partial table).
+#
+# Environment:
+#   PYTHON=python3          the interpreter with CUDA torch
+#   MCORE_VERSION=0.16.1    which megatron-core folder of the wheelhouse to install
+#   GPU_CHECK_DRY=1         the same steps at tiny size on CPU (debug this script off the GPU);
+#                           the install is skipped when the wheelhouse is for another Python
+set -euo pipefail
+
+PY="${PYTHON:-python3}"
+MCORE="${MCORE_VERSION:-0.16.1}"
+DRY="${GPU_CHECK_DRY:-0}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+START=$(date +%s)
+
+log() { echo "[gpu_check $(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
+die() { log "FAILED: $*" >&2; [[ -n "${OUT:-}" && -d "$OUT" ]] && echo "$*" > "$OUT/FAILED"; exit 1; }
+
+[[ $# -eq 2 ]] || { echo "usage: $0 WHEELHOUSE OUT   (env GPU_CHECK_DRY=1 for a CPU dry run)" >&2; exit 2; }
+WHEELHOUSE="$(cd "$1" 2>/dev/null && pwd)" || { echo "wheelhouse $1 not found: build it with tools/build_wheelhouse.sh" >&2; exit 2; }
+[[ -f "$WHEELHOUSE/MANIFEST.txt" ]] || { echo "$WHEELHOUSE has no MANIFEST.txt: build it with tools/build_wheelhouse.sh" >&2; exit 2; }
+mkdir -p "$2"
+OUT="$(cd "$2" && pwd)"
+# The test suite checks that it leaves the checkout untouched: logs must land outside it.
+case "$OUT/" in "$ROOT"/*) echo "OUT $OUT is inside the checkout $ROOT: pass a folder outside it" >&2; exit 2 ;; esac
+rm -f "$OUT/FAILED" "$OUT/gpu_report.md" "$OUT/gpu_report.json"
+
+# run NAME SECONDS CMD...: one step, timed out, output teed to OUT/logs/NAME.log.
+mkdir -p "$OUT/logs"
+run() {
+    local name="$1" limit="$2"; shift 2
+    log "step '$name' (timeout ${limit}s): $*"
+    set +e
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/logs/$name.log"
+    local rc=${PIPESTATUS[0]}
+    set -e
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then die "step '$name' timed out after ${limit}s (log: $OUT/logs/$name.log)"; fi
+    [[ $rc -eq 0 ]] || die "step '$name' exited with $rc (log: $OUT/logs/$name.log)"
+    log "step '$name' done"
+}
+
+# ---------------------------------------------------------------- 0. interpreter and device
+command -v "$PY" >/dev/null || die "step 'python': $PY not found (set PYTHON=...)"
+"$PY" -c "import torch" 2>/dev/null || die "step 'python': $PY cannot import torch (a CUDA torch is expected)"
+if [[ "$DRY" == 1 ]]; then
+    DEVICE=cpu
+    log "dry run: CPU, tiny sizes"
+else
+    DEVICE=cuda
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+        || die "step 'device': torch sees no CUDA device (GPU_CHECK_DRY=1 runs this on CPU)"
+    command -v nvidia-smi >/dev/null && nvidia-smi -L | tee "$OUT/logs/nvidia-smi.log"
+fi
+
+# ---------------------------------------------------------------- 1. install the wheelhouse
+PYTAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+SITE="$(mktemp -d "${TMPDIR:-/tmp}/mesh_gpu_check.XXXXXX")/site"
+trap 'rm -rf "$(dirname "$SITE")"' EXIT
+if compgen -G "$WHEELHOUSE/pydantic_core-*-$PYTAG-*.whl" >/dev/null; then
+    [[ -d "$WHEELHOUSE/megatron-core-$MCORE" ]] || die "step 'install': no megatron-core-$MCORE in $WHEELHOUSE (MCORE_VERSION=...)"
+    run install 120 "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" \
+        "$WHEELHOUSE"/*.whl "$WHEELHOUSE/megatron-core-$MCORE"/*.whl
+    export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    export PATH="$SITE/bin:$PATH"  # the deepspeed launcher
+elif [[ "$DRY" == 1 ]]; then
+    log "step 'install' skipped: the wheelhouse is not for $PYTAG; dry run uses this environment"
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    export PATH="$(dirname "$(command -v "$PY")"):$PATH"
+else
+    die "step 'install': $WHEELHOUSE has no wheels for $PYTAG (rebuild with --python-version ${PYTAG:2:1}.${PYTAG:3})"
+fi
+export DS_BUILD_OPS=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+export PYTHONDONTWRITEBYTECODE=1
+cd "$ROOT"
+
+run versions 120 "$PY" -c "
+import json, torch, megatron.core, deepspeed, transformers
+info = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'megatron_core': megatron.core.__version__,
+        'deepspeed': deepspeed.__version__, 'transformers': transformers.__version__,
+        'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
+        'device_count': torch.cuda.device_count()}
+print(json.dumps(info))
+json.dump(info, open('$OUT/logs/versions.json', 'w'))
+"
+
+# ---------------------------------------------------------------- 2. correctness on the device
+run pytest-gpu 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu --junitxml "$OUT/logs/pytest-gpu.xml"
+
+# ---------------------------------------------------------------- 3. throughput
+TP=(benchmarks/throughput.py --device "$DEVICE")
+if [[ "$DRY" == 1 ]]; then
+    BENCH=("tiny-a|--preset tiny --seq-length 64 --micro-batch-size 2 --steps 2 --variants vanilla,base,mesh"
+           "tiny-hf|--preset tiny --seq-length 64 --micro-batch-size 2 --steps 2 --variants vanilla,base,mesh --hf --bf16")
+else
+    BENCH=("pythia-160m|--preset pythia-160m --seq-length 4096 --micro-batch-size 4 --bf16 --steps 10"
+           "pythia-1.4b|--preset pythia-1.4b --seq-length 4096 --micro-batch-size 2 --bf16 --steps 8"
+           "pythia-410m-hf|--preset pythia-410m --seq-length 4096 --micro-batch-size 2 --bf16 --steps 8 --hf")
+fi
+for spec in "${BENCH[@]}"; do
+    name="${spec%%|*}"
+    read -r -a flags <<< "${spec#*|}"
+    run "throughput-$name" 150 "$PY" "${TP[@]}" "${flags[@]}" --out "$OUT/throughput/$name"
+done
+
+# ---------------------------------------------------------------- 4. the report (all steps passed)
+run report 60 "$PY" benchmarks/gpu_report.py "$OUT"
+log "all steps passed: $OUT/gpu_report.md"

@@ -1,0 +1,138 @@
+"""On a CUDA device: attention backends, bf16, recompute and a DeepSpeed run (benchmarks/gpu_check.sh).
+
+Skipped without CUDA. fp32 comparisons run with TF32 off, so kernels differ only by
+reduction order: sdpa (memory-efficient / cuDNN kernels in fp32) vs local (explicit
+softmax(q k^T) v) agree to ~1e-6 relative on these shapes; 1e-4 leaves room for the
+accumulation order of a different kernel, far below any real bug (a wrong mask or scale
+moves logits by O(1)). Recompute re-runs the same kernels on the same inputs: 1e-6.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def build(variant, dtype=torch.float32, **execution):
+    from mesh_megatron.config import ExecutionConfig, ModelConfig, to_transformer_config
+    from mesh_megatron.model import MeshGPTModel
+    from mesh_megatron.parallel.initialize import set_seed
+
+    set_seed(0)  # megatron's tracked RNG (attention dropout, recompute) must exist
+    # tiny width, 4 heads of 32 (head dim 32: a size every sdpa kernel takes), seq 256.
+    layout = "6" if variant == "vanilla" else "1+2R2+1"
+    cfg = ModelConfig(hidden_size=128, num_attention_heads=4, layout=layout, variant=variant,
+                      vocab_size=512, seq_length=256)
+    model = MeshGPTModel(cfg, to_transformer_config(cfg, params_dtype=dtype),
+                         execution=ExecutionConfig(**execution), init_seed=0)
+    return model.to(device="cuda", dtype=dtype), cfg  # as DeepSpeed's bf16 engine casts it
+
+
+def tokens(cfg, batch=2):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_length + 1), generator=g)
+    return t[:, :-1].cuda(), t[:, 1:].cuda()
+
+
+def loss_and_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    loss = model(x, labels=y).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_grads_close(g1, g2, rtol):
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        scale = g1[name].abs().max().clamp_min(1e-12)
+        err = (g1[name] - g2[name]).abs().max() / scale
+        assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol}"
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "base", "mesh"])
+def test_sdpa_matches_local_on_cuda(megatron_single, variant):
+    sdpa, cfg = build(variant, attention_backend="sdpa")
+    local, _ = build(variant, attention_backend="local")
+    x, y = tokens(cfg)
+    with torch.no_grad():
+        a, b = sdpa(x), local(x)
+    assert ((a - b).abs().max() / b.abs().max()) <= 1e-4
+    la, ga = loss_and_grads(sdpa, x, y)
+    lb, gb = loss_and_grads(local, x, y)
+    assert abs(la.item() - lb.item()) <= 1e-4 * abs(lb.item())
+    assert_grads_close(ga, gb, 1e-4)
+
+
+@pytest.mark.parametrize("recompute", ["loop", "layer"])
+@pytest.mark.parametrize("variant", ["base", "mesh"])
+def test_recompute_matches_none_on_cuda(megatron_single, variant, recompute):
+    ref, cfg = build(variant, attention_backend="sdpa", recompute="none")
+    rec, _ = build(variant, attention_backend="sdpa", recompute=recompute)
+    x, y = tokens(cfg)
+    l1, g1 = loss_and_grads(ref, x, y)
+    l2, g2 = loss_and_grads(rec, x, y)
+    assert abs(l1.item() - l2.item()) <= 1e-6 * abs(l1.item())
+    assert_grads_close(g1, g2, 1e-6)
+
+
+def test_bf16_step_is_finite_and_learns(megatron_single):
+    """bf16 model + fp32 masters (the benchmark's and DeepSpeed's scheme): 5 steps on one batch."""
+    model, cfg = build("mesh", dtype=torch.bfloat16, attention_backend="auto")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    params = list(model.parameters())
+    masters = [p.detach().float().clone().requires_grad_(True) for p in params]
+    opt = torch.optim.AdamW(masters, lr=3e-3, fused=True)
+    x, y = tokens(cfg)
+    losses = []
+    for _ in range(5):
+        loss = model(x, labels=y).mean()
+        assert loss.dtype == torch.float32  # cross entropy in fp32
+        loss.backward()
+        for p, m in zip(params, masters):
+            assert torch.isfinite(p.grad).all()
+            m.grad = p.grad.float()
+            p.grad = None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_copy_(params, masters)
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert losses[-1] < losses[0], losses
+
+
+def test_deepspeed_bf16_pythia160m_mesh_loss_falls(tmp_path):
+    """10 steps of `deepspeed --num_gpus 1 pretrain_mesh.py`, pythia-160m mesh, bf16, seq 512."""
+    bindir = os.path.dirname(shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed"))
+    log = tmp_path / "log.jsonl"
+    env = dict(os.environ, DS_BUILD_OPS="0", PATH=bindir + os.pathsep + os.environ["PATH"])
+    cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", "1", "--master_port", str(29500 + os.getpid() % 1000),
+           os.path.join(ROOT, "pretrain_mesh.py"), "--preset", "pythia-160m", "--variant", "mesh", "--bf16",
+           "--seq-length", "512", "--micro-batch-size", "8", "--global-batch-size", "8",
+           "--train-iters", "10", "--lr", "1e-3", "--lr-warmup-fraction", "0.1", "--log-interval", "1",
+           "--eval-interval", "0", "--sample-tokens", "0", "--ds_config", "examples/zero1.json",
+           "--data-cache-dir", str(tmp_path / "cache"),
+           "--save", str(tmp_path / "ckpt"), "--log-jsonl", str(log)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    losses = [r["train/step_loss"] for r in map(json.loads, open(log)) if "train/step_loss" in r]
+    assert len(losses) == 10 and all(map(torch.isfinite, map(torch.tensor, losses))), losses
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert open(tmp_path / "ckpt" / "latest").read() == "iter_0000010"
