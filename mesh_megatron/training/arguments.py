@@ -11,9 +11,12 @@ import dataclasses
 import os
 from typing import Optional
 
-from mesh_megatron.config import (PRESETS, VARIANTS, ConfigError, DataConfig, LoggingConfig, ModelConfig,
-                                  ParallelConfig, TrainingConfig, load_model_config, preset, validate,
-                                  validate_training)
+import torch
+
+from mesh_megatron.config import (ATTENTION_BACKENDS, PRESETS, RECOMPUTE, VARIANTS, ConfigError, DataConfig,
+                                  ExecutionConfig, LoggingConfig, ModelConfig,
+                                  ParallelConfig, TrainingConfig, validate, validate_training)
+from mesh_megatron.training import recipe
 
 DEFAULTS = TrainingConfig()
 
@@ -29,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model shape")
     m.add_argument("--variant", default="mesh", choices=list(VARIANTS), help="state passing between loop iterations")
     m.add_argument("--layout", default=None, help="recursion layout P+CrK+Q, e.g. 4+8R2+4 (default: the preset's)")
-    m.add_argument("--config", default=None, help="YAML model config (ModelConfig fields or 'preset:' + overrides)")
+    m.add_argument("--config", default=None,
+                   help="YAML recipe (sections model/training/parallel/checkpoints/data/logging, keys = flag "
+                        "names; or bare ModelConfig fields); flags given on the command line override it")
+    m.add_argument("--print-config", action="store_true", help="print the resolved recipe (YAML) and exit")
     m.add_argument("--mesh-slots", type=int, default=None, help="MeSH buffer slots B (default K+3)")
     m.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
 
@@ -64,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--clip-grad", type=float, default=DEFAULTS.clip_grad, help="gradient-norm clipping")
     t.add_argument("--bf16", action="store_true", help="bf16 weights and activations (GPU, and CPU)")
     t.add_argument("--fp16", action="store_true", help="fp16 with loss scaling (GPU only)")
+    t.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
+                   help="core attention kernel: auto (te on a GPU with Transformer Engine, else sdpa), "
+                        "te, sdpa (torch scaled_dot_product_attention), local (megatron's unfused reference)")
+    t.add_argument("--recompute", choices=list(RECOMPUTE), default="none",
+                   help="activation recomputation: none, loop (each core iteration and prelude/coda as "
+                        "blocks; keeps only the states between iterations), layer (every layer)")
+    t.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader worker processes reading batches ahead (default 2 on GPU, 0 on CPU)")
     t.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
     t.add_argument("--nan-policy", choices=["stop", "skip"], default=DEFAULTS.nan_policy,
                    help="on a non-finite loss: stop with a message, or skip that micro-batch")
@@ -75,7 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
     c.add_argument("--exit-interval", type=int, default=None,
                    help="save (if --save) and exit when the iteration is a multiple of N")
-    c.add_argument("--keep-last", type=int, default=DEFAULTS.keep_last, help="checkpoints kept on disk")
+    c.add_argument("--keep-last", type=int, default=DEFAULTS.keep_last,
+                   help="checkpoints of this run kept on disk (other runs' are never pruned)")
+    c.add_argument("--overwrite-save", action="store_true",
+                   help="--save may hold another run's checkpoints: they are deleted after this run's first save")
+    c.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="after this much wall-clock time, finish the step, save and exit with status 75 "
+                        "(as on SIGTERM/SIGINT)")
     c.add_argument("--eval-interval", type=int, default=DEFAULTS.eval_interval,
                    help="validate every N iterations (0: never)")
     c.add_argument("--eval-iters", type=int, default=DEFAULTS.eval_iters, help="micro-batches per validation")
@@ -102,13 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
-    overrides = {"mesh_slots": args.mesh_slots, "seq_length": args.seq_length}
-    if args.config:
-        if not os.path.isfile(args.config):
-            raise ConfigError(f"--config {args.config}: no such file")
-        return load_model_config(args.config, **overrides)
-    return preset(args.preset, args.variant, args.layout,
-                  **{k: v for k, v in overrides.items() if v is not None})
+    return recipe.model_config(args)  # preset + overrides of the resolved recipe, or every field
 
 
 EMBEDDED_DEFAULT_SAVE = "checkpoints/embedded-default"
@@ -136,17 +150,11 @@ def run_tokenizer(data: DataConfig):
     return embedded_tokenizer()
 
 
-def _fit_vocab(model: ModelConfig, tokenizer, config_path: Optional[str], parallel: ParallelConfig) -> ModelConfig:
-    """The model's vocabulary is the tokenizer's, unless a --config file fixes vocab_size:
+def _fit_vocab(model: ModelConfig, tokenizer, config_path: Optional[str], parallel: ParallelConfig,
+               model_fields: dict) -> ModelConfig:
+    """The model's vocabulary is the tokenizer's, unless the recipe fixes vocab_size:
     then the tokenizer must fit in the padded embedding."""
-    explicit = False
-    if config_path:
-        import yaml
-
-        with open(config_path) as f:
-            raw = yaml.safe_load(f) or {}
-        explicit = "vocab_size" in raw.get("model", raw)
-    if not explicit:
+    if "vocab_size" not in model_fields:
         return dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
     padded = model.padded_vocab_size(parallel.tensor_model_parallel_size)
     if tokenizer.vocab_size > padded:
@@ -161,7 +169,7 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
     from mesh_megatron.parallel.deepspeed_config import finalize_ds_config, load_ds_config, resolve_batch
     from mesh_megatron.training.trainer import RunConfig
 
-    args = build_parser().parse_args(argv)
+    args = recipe.resolve_args(build_parser, argv)  # defaults < --load's recipe < --config < flags
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     from mesh_megatron.parallel.pipeline_layout import build_layout, parse_split
 
@@ -173,12 +181,15 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         raise ConfigError(f"--tensor-model-parallel-size {parallel.tensor_model_parallel_size} is larger "
                           f"than the world size {world}: launch at least that many ranks or lower it")
     model = _model_config(args)
+    if args.print_config:
+        raise SystemExit(recipe.print_config(build_parser(), args, model, parallel, world))
     if args.data_path and not args.tokenizer_model:
         raise ConfigError("--data-path needs --tokenizer-type and --tokenizer-model (the tokenizer "
                           "the data was preprocessed with)")
     model = _fit_vocab(model, run_tokenizer(data := DataConfig(
         data_path=list(args.data_path), split=args.split, tokenizer_type=args.tokenizer_type,
-        tokenizer_model=args.tokenizer_model, cache_dir=args.data_cache_dir)), args.config, parallel)
+        tokenizer_model=args.tokenizer_model, cache_dir=args.data_cache_dir)), args.config, parallel,
+        args.model_fields)
     validate(model, parallel, world)
     build_layout(model, parallel.pipeline_chunks, parallel.pipeline_split)  # refuses bad splits
     dp = world // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)
@@ -219,15 +230,32 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
                 inspect_indexed_dataset(prefix)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-    if args.load:
+    from mesh_megatron.checkpoint.manager import LATEST, check_save_dir, same_dir
+
+    check_save_dir(train.save, args.load, args.overwrite_save)
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins < 0:
+        raise ConfigError(f"--exit-duration-in-mins {args.exit_duration_in_mins} is negative: pass minutes >= 0")
+    # --load DIR --save DIR before DIR has a checkpoint starts fresh (a requeued job's first run).
+    if args.load and not (same_dir(args.load, train.save) and not os.path.exists(os.path.join(args.load, LATEST))):
         from mesh_megatron.checkpoint.manager import check_model_config, check_parallel_layout, read_latest
 
         tag = read_latest(args.load)
         check_model_config(args.load, tag, model)
         check_parallel_layout(args.load, tag, parallel)
+    execution = ExecutionConfig(attention_backend=args.attention_backend, recompute=args.recompute)
+    from mesh_megatron.model.attention import resolve_attention_backend
+
+    resolve_attention_backend(execution.attention_backend)  # te without Transformer Engine: refused here
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ConfigError(f"--num-workers {args.num_workers} is negative: pass 0 (read in the training "
+                          "process) or more")
+    num_workers = args.num_workers if args.num_workers is not None else (2 if torch.cuda.is_available() else 0)
     logging = LoggingConfig(tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
                             wandb_mode=args.wandb_mode, jsonl_path=args.log_jsonl)
     return RunConfig(model=model, parallel=parallel, train=train, data=data, logging=logging,
-                     ds_config=ds, ds_config_path=args.ds_config)
+                     ds_config=ds, ds_config_path=args.ds_config,
+                     recipe=recipe.resolved(build_parser(), args, model, micro, global_, precision),
+                     overwrite_save=args.overwrite_save, exit_duration_in_mins=args.exit_duration_in_mins,
+                     execution=execution, num_workers=num_workers)
 
 

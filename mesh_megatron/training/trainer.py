@@ -9,25 +9,30 @@ Everything is decided before this runs (RunConfig is validated); this file only 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from mesh_megatron.config import (DataConfig, LoggingConfig, ModelConfig, ParallelConfig,
+from mesh_megatron.config import (DataConfig, ExecutionConfig, LoggingConfig, ModelConfig, ParallelConfig,
                                   TrainingConfig, gradient_accumulation_steps, to_transformer_config)
-from mesh_megatron.data.sampler import collate, micro_batch_indices
+from mesh_megatron.data.sampler import collate
 from mesh_megatron.model import MeshGPTModel
 from mesh_megatron.model.accounting import ParameterCounts, training_flops_per_token
 from mesh_megatron.training.metrics import Throughput, peak_memory_gib
 from mesh_megatron.training.schedule import adamw, cosine_with_warmup
+from mesh_megatron.training.batches import Batch, to_device, train_loader
 from mesh_megatron.training.sinks import LogSinks
+from mesh_megatron.training.steps import NonFiniteLoss, PipelineStep, PlainStep  # noqa: F401 (re-exported)
+
+PARAMS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -39,10 +44,11 @@ class RunConfig:
     logging: LoggingConfig
     ds_config: dict[str, Any]
     ds_config_path: str
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
+    recipe: Optional[dict[str, Any]] = None  # the resolved recipe (training/recipe.py), saved with checkpoints
+    overwrite_save: bool = False  # --overwrite-save: replace the checkpoints another run left in --save
+    exit_duration_in_mins: Optional[float] = None  # save and exit (status 75) after this wall-clock time
+    execution: ExecutionConfig = dataclasses.field(default_factory=ExecutionConfig)  # kernels, recompute
+    num_workers: int = 0  # DataLoader worker processes reading ahead
 
 
 class ModelChunks(torch.nn.Module):
@@ -101,7 +107,9 @@ class Trainer:
         self.sinks = LogSinks(run.logging, {"model": dataclasses.asdict(run.model),
                                             "train": dataclasses.asdict(run.train)}, self.rank0)
 
-        tf_config = to_transformer_config(self.cfg, run.parallel)
+        # Under bf16 megatron's layers and the pipeline's p2p buffers work in bf16 (DeepSpeed keeps
+        # fp32 master weights and optimizer states).
+        tf_config = to_transformer_config(self.cfg, run.parallel, params_dtype=PARAMS_DTYPE[self.train.precision])
         self.pipelined = run.parallel.pipeline_model_parallel_size > 1
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.stage = None
@@ -116,13 +124,14 @@ class Trainer:
             chunks = []
             for v in range(self.virtual):
                 self.stage = self.pipeline.stages[v * pp + pp_rank]
-                chunk = MeshGPTModel(self.cfg, tf_config, stage=self.stage, init_seed=self.train.seed)
+                chunk = MeshGPTModel(self.cfg, tf_config, execution=run.execution, stage=self.stage,
+                                     init_seed=self.train.seed)
                 chunk.vp_stage = v if self.virtual > 1 else None
                 chunks.append(chunk)
             model = chunks[0] if self.virtual == 1 else ModelChunks(chunks)
             mark_replicated_parameters(model)
         else:
-            model = MeshGPTModel(self.cfg, tf_config, init_seed=self.train.seed)
+            model = MeshGPTModel(self.cfg, tf_config, execution=run.execution, init_seed=self.train.seed)
         self.counts = ParameterCounts.of(model)
         optimizer = adamw(model, self.train)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -131,141 +140,54 @@ class Trainer:
         )
         self.flops_per_token = training_flops_per_token(self.cfg, self.cfg.seq_length,
                                                         run.parallel.tensor_model_parallel_size)
+        self.device = self.engine.device
+        if self.pipelined:
+            self.step = PipelineStep(
+                self.engine, self.train.nan_policy, self.sinks.print,
+                chunks=[self.engine.module] if self.virtual == 1 else list(self.engine.module.chunks),
+                stage=self.stage, pipeline=self.pipeline, seq_length=self.cfg.seq_length,
+                micro_batch_size=self.train.micro_batch_size)
+        else:
+            self.step = PlainStep(self.engine, self.train.nan_policy, self.sinks.print)
+        self._valid_batches = None
         self.iteration = 0
 
-    # ---------------------------------------------------------------- one step
-    def _masked_mean(self, tokens, labels, mask) -> torch.Tensor:
-        losses = self.engine(tokens, labels=labels)  # [b, s] fp32
-        return (losses * mask).sum() / mask.sum().clamp_min(1)
+    # ---------------------------------------------------------------- batches and steps
+    def train_batches(self) -> Iterator[list[Batch]]:
+        """This rank's micro-batches, one list per step from the current iteration on, on the
+        engine's device (read ahead by the DataLoader's workers)."""
+        loader = train_loader(self.train_ds, self.train, self.dp_rank, self.dp_size, self.iteration,
+                              self.device, self.run.num_workers)
+        accum = gradient_accumulation_steps(self.train, self.dp_size)
+        it = iter(loader)
+        while True:
+            step = list(itertools.islice(it, accum))
+            if len(step) < accum:
+                return
+            yield [to_device(b, self.device) for b in step]
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Every rank agrees whether this micro-batch's loss is finite (so all skip together)."""
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0.0
-
-    def _zero_loss(self) -> torch.Tensor:
-        # Touches every parameter with a zero gradient, so ZeRO's reduce hooks still fire.
-        return sum(p.sum() * 0.0 for p in self.engine.module.parameters())
-
-    # ---------------------------------------------------------------- pipeline step
-    def _adjust_shapes(self, recv_shapes, send_shapes):
-        """[s, b, h] between stages, [2s, b, h] while the embeddings ride along."""
-        (s, b, h), = recv_shapes
-        recv = [(2 * s if self.stage.receives_embeddings else s, b, h)]
-        send = [(2 * s if self.stage.sends_embeddings else s, b, h)]
-        return recv, send
-
-    def _run_pipeline(self, batches: list, forward_only: bool) -> tuple[float, float]:
-        """megatron-core's 1F1B schedule over `batches`; (loss sum, micro-batch count) on the
-        last stage, summed over the pipeline group so every stage knows the loss."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        def forward_step(data_iterator, model):
-            tokens, labels, mask = next(data_iterator)
-            out = model(tokens, labels=labels if model.post_process else None)
-
-            def loss_func(per_token):  # [b, s] -> masked mean of this micro-batch
-                loss = (per_token * mask).sum() / mask.sum().clamp_min(1)
-                return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
-
-            return out, loss_func
-
-        if self.virtual == 1:
-            results = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(batches), model=[self.engine.module],
-                num_microbatches=len(batches), seq_length=self.cfg.seq_length,
-                micro_batch_size=self.train.micro_batch_size, forward_only=forward_only,
-                adjust_tensor_shapes_fn=self._adjust_shapes)
-        else:
-            # Interleaved: one data iterator per chunk; every boundary has one shape, [2s, b, h]
-            # when the embeddings ride along (see pipeline_layout.build_layout).
-            seq = self.cfg.seq_length * (2 if self.pipeline.embeddings_cross else 1)
-            results = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=[iter(batches) for _ in range(self.virtual)],
-                model=list(self.engine.module.chunks), num_microbatches=len(batches), seq_length=seq,
-                micro_batch_size=self.train.micro_batch_size, forward_only=forward_only)
-        total = torch.tensor([sum(r["loss"].item() for r in results), float(len(results))], dtype=torch.float64)
-        dist.all_reduce(total, group=self.pp_group)
-        return total[0].item(), total[1].item()
-
-    def _pipeline_train_step(self) -> tuple[float, int]:
-        batches = [collate(self.train_ds, idx) for idx in micro_batch_indices(
-            self.iteration, self.train.micro_batch_size, self.train.global_batch_size,
-            self.dp_rank, self.dp_size, len(self.train_ds))]
-        total, count = self._run_pipeline(batches, forward_only=False)
-        skipped = 0
-        if not self._all_finite(torch.tensor(total)):
-            if self.train.nan_policy == "stop":
-                raise NonFiniteLoss(f"loss is {total / count} at iteration {self.iteration + 1}: stopping "
-                                    "(lower --lr, check the data, or pass --nan-policy skip)")
-            self.sinks.print(f"warning: non-finite loss at iteration {self.iteration + 1}; step skipped "
-                             "(--nan-policy skip)")
-            for p in self.engine.module.parameters():
-                if p.grad is not None:
-                    p.grad.zero_()
-            skipped, total = len(batches), 0.0
-        # The schedule ran backward itself; hand the gradients to DeepSpeed's reduction and step.
-        self.engine.allreduce_gradients()
-        self.engine.step()
+    def train_step(self, batches: list[Batch]) -> tuple[float, int]:
+        """One optimizer step (training/steps.py); (mean loss, skipped micro-batches)."""
+        loss, skipped = self.step.train(batches, self.iteration)
         self.iteration += 1
-        mean = torch.tensor([total, count - skipped], dtype=torch.float64)
-        dist.all_reduce(mean, group=self.dp_group)
-        return (mean[0] / mean[1]).item() if mean[1] else float("nan"), skipped
+        return loss, skipped
 
-    def train_step(self) -> tuple[float, int]:
-        """One optimizer step over all micro-batches; (mean loss, skipped micro-batches)."""
-        if self.pipelined:
-            return self._pipeline_train_step()
-        self.engine.train()
-        total, skipped, count = 0.0, 0, 0
-        for indices in micro_batch_indices(self.iteration, self.train.micro_batch_size,
-                                           self.train.global_batch_size, self.dp_rank, self.dp_size,
-                                           len(self.train_ds)):
-            tokens, labels, mask = collate(self.train_ds, indices)
-            loss = self._masked_mean(tokens, labels, mask)
-            if not self._all_finite(loss):
-                if self.train.nan_policy == "stop":
-                    raise NonFiniteLoss(
-                        f"loss is {loss.item()} at iteration {self.iteration + 1}: stopping "
-                        "(lower --lr, check the data, or pass --nan-policy skip to drop such batches)")
-                self.sinks.print(f"warning: non-finite loss at iteration {self.iteration + 1}; "
-                                 "micro-batch skipped (--nan-policy skip)")
-                loss, skipped = self._zero_loss(), skipped + 1
-            else:
-                total, count = total + loss.item(), count + 1
-            self.engine.backward(loss)
-            self.engine.step()
-        self.iteration += 1
-        mean = torch.tensor([total, count], dtype=torch.float64)
-        dist.all_reduce(mean, group=self.dp_group)
-        return (mean[0] / mean[1]).item() if mean[1] else float("nan"), skipped
-
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the same held-out micro-batches every time."""
-        self.engine.eval()
-        batches = []
-        for i in range(self.train.eval_iters):
-            start = (i * self.dp_size + self.dp_rank) * self.train.micro_batch_size
-            batches.append(collate(self.valid_ds, [(start + j) % len(self.valid_ds)
-                                                   for j in range(self.train.micro_batch_size)]))
-        if self.pipelined:
-            total = torch.tensor(self._run_pipeline(batches, forward_only=True), dtype=torch.float64)
-        else:
-            total = torch.zeros(2, dtype=torch.float64)
-            for tokens, labels, mask in batches:
-                losses = self.engine(tokens, labels=labels)
-                total += torch.tensor([((losses * mask).sum() / mask.sum()).item(), 1.0], dtype=torch.float64)
-        dist.all_reduce(total, group=self.dp_group)
-        self.engine.train()
-        return (total[0] / total[1]).item()
+        if self._valid_batches is None:
+            m = self.train.micro_batch_size
+            self._valid_batches = []
+            for i in range(self.train.eval_iters):
+                start = (i * self.dp_size + self.dp_rank) * m
+                batch = collate(self.valid_ds, [(start + j) % len(self.valid_ds) for j in range(m)])
+                self._valid_batches.append(to_device(batch, self.device))
+        return self.step.evaluate(self._valid_batches)
 
     # ---------------------------------------------------------------- checkpoints
     def client_state(self) -> dict[str, Any]:
         return {"iteration": self.iteration,
                 "consumed_samples": self.iteration * self.train.global_batch_size,
-                "rng": _rng_state()}
+                "rng": _rng_state(), "recipe": self.run.recipe}
 
     def resume(self, load_dir: str, tag: str) -> None:
         from mesh_megatron.checkpoint.manager import CheckpointManager
@@ -289,14 +211,17 @@ class Trainer:
         model.eval()
         ids = list(self.tokenizer.tokenize(prompt))
         for _ in range(new_tokens):
-            window = torch.tensor([ids[-self.cfg.seq_length:]])
+            window = torch.tensor([ids[-self.cfg.seq_length:]], device=self.device)
             logits = gather_tensor(model(window)[:, -1].float(), dim=-1, group=self.tp_group)
             ids.append(int(logits[0, :self.tokenizer.vocab_size].argmax()))
         return self.tokenizer.detokenize(ids)
 
     # ---------------------------------------------------------------- loop
-    def fit(self, checkpoints) -> dict[str, float]:
+    def fit(self, checkpoints, preemption=None) -> dict[str, float]:
+        """Train to --train-iters; with `preemption` (training/preemption.py) stop early, after a
+        whole step and on every rank together, and save there (`self.stopped` says why)."""
         t = self.train
+        self.stopped = None
         seq = self.cfg.seq_length
         accum = gradient_accumulation_steps(t, self.dp_size)
         self.sinks.print(
@@ -316,8 +241,9 @@ class Trainer:
             self.sinks.print(header + "\n" + self.pipeline.report(accum))
         if self.iteration == 0 and t.eval_interval:
             history["valid_loss_start"] = self._log_eval()
+        batches = self.train_batches()
         while self.iteration < t.train_iters:
-            loss, skipped = self.train_step()
+            loss, skipped = self.train_step(next(batches))
             window_iters += 1
             self.sinks.scalars(self.iteration, {"train/step_loss": loss})
             history.setdefault("loss_first", loss)
@@ -344,6 +270,11 @@ class Trainer:
                 window_start, window_iters = time.time(), 0
             if t.eval_interval and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):
                 history["valid_loss"] = self._log_eval()
+            if preemption is not None and self.iteration < t.train_iters \
+                    and (reason := preemption.should_stop(self.iteration)):
+                self.stopped = reason
+                self.sinks.print(f"{preemption.describe(reason)} after iteration {self.iteration}: saving")
+                break
             if t.exit_interval and self.iteration % t.exit_interval == 0:
                 break
             if checkpoints.save_dir and t.save_interval and self.iteration % t.save_interval == 0 \
