@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -50,7 +51,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import deepspeed
 
-    from mesh_megatron.checkpoint.manager import CheckpointManager, read_latest
+    from mesh_megatron.checkpoint.manager import LATEST, CheckpointManager, lineage, read_latest
+    from mesh_megatron.training.preemption import EXIT_PREEMPTED, Preemption, process_start_time
     from mesh_megatron.parallel.initialize import backend, destroy, initialize_distributed, set_seed
 
     initialize_distributed(run.parallel)
@@ -58,22 +60,35 @@ def main(argv: Optional[list[str]] = None) -> int:
     set_seed(run.train.seed)
     rank0 = dist.get_rank() == 0
     trainer = None
+    # From here SIGTERM/SIGINT (and --exit-duration-in-mins) mean: finish the step, save, exit 75.
+    preemption = Preemption(run.exit_duration_in_mins, process_start_time()).install()
     try:
         try:
             tokenizer, datasets = _build_data(run, rank0)
         except (ConfigError, ValueError, FileNotFoundError) as e:
             return fail(str(e))
         trainer = Trainer(run, datasets, tokenizer)
-        if run.train.load:
-            trainer.resume(run.train.load, read_latest(run.train.load))
+        if run.train.load and os.path.exists(os.path.join(run.train.load, LATEST)):
+            try:
+                trainer.resume(run.train.load, read_latest(run.train.load))
+            except ConfigError as e:  # a torn or corrupt checkpoint: one line, same on every rank
+                return fail(str(e))
+        elif run.train.load:  # --load DIR --save DIR, DIR without a checkpoint yet (arguments.parse)
+            trainer.sinks.print(f"--load {run.train.load} holds no checkpoint yet: starting from iteration 0")
         from mesh_megatron.training.arguments import tokenizer_source
 
         checkpoints = CheckpointManager(run.train.save, run.train.keep_last, run.parallel,
-                                        *tokenizer_source(run.data))
+                                        *tokenizer_source(run.data), run_id=lineage(run.train.save, run.train.load),
+                                        overwrite=run.overwrite_save)
         try:
-            trainer.fit(checkpoints)
+            trainer.fit(checkpoints, preemption)
         except NonFiniteLoss as e:
             return fail(str(e))
+        if trainer.stopped:
+            where = f"saved in {run.train.save}; continue with --load {run.train.save}" if run.train.save \
+                else "nothing saved (no --save)"
+            trainer.sinks.print(f"exiting with status {EXIT_PREEMPTED} at iteration {trainer.iteration}: {where}")
+            return EXIT_PREEMPTED
         if run.train.sample_tokens and run.parallel.pipeline_model_parallel_size > 1:
             trainer.sinks.print("greedy sample skipped: it runs without pipeline parallelism")
         elif run.train.sample_tokens:
@@ -84,6 +99,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if trainer is not None:
             trainer.close()
         destroy()
+        preemption.uninstall()
 
 
 if __name__ == "__main__":
