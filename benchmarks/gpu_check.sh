@@ -20,6 +20,8 @@
 #   MCORE_VERSION=0.16.1    which megatron-core folder of the wheelhouse to install
 #   GPU_CHECK_DRY=1         the same steps at tiny size on CPU (debug this script off the GPU);
 #                           the install is skipped when the wheelhouse is for another Python
+#   GPU_CHECK_PYTEST_K      a pytest -k expression to narrow the gpu tests (e.g. "not deepspeed");
+#                           the report lists the test cases that ran
 set -euo pipefail
 
 PY="${PYTHON:-python3}"
@@ -80,7 +82,8 @@ if compgen -G "$WHEELHOUSE/pydantic_core-*-$PYTAG-*.whl" >/dev/null; then
 elif [[ "$DRY" == 1 ]]; then
     log "step 'install' skipped: the wheelhouse is not for $PYTAG; dry run uses this environment"
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-    export PATH="$(dirname "$(command -v "$PY")"):$PATH"
+    PYBIN="$(dirname "$(command -v "$PY")")"
+    export PATH="$PYBIN:$PATH"
 else
     die "step 'install': $WHEELHOUSE has no wheels for $PYTAG (rebuild with --python-version ${PYTAG:2:1}.${PYTAG:3})"
 fi
@@ -99,7 +102,9 @@ json.dump(info, open('$OUT/logs/versions.json', 'w'))
 "
 
 # ---------------------------------------------------------------- 2. correctness on the device
-run pytest-gpu 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu --junitxml "$OUT/logs/pytest-gpu.xml"
+PYTEST_ARGS=(-q -m gpu -p no:cacheprovider tests/gpu --junitxml "$OUT/logs/pytest-gpu.xml")
+if [[ -n "${GPU_CHECK_PYTEST_K:-}" ]]; then PYTEST_ARGS+=(-k "$GPU_CHECK_PYTEST_K"); fi
+run pytest-gpu 240 "$PY" -m pytest "${PYTEST_ARGS[@]}"
 
 # ---------------------------------------------------------------- 3. throughput
 TP=(benchmarks/throughput.py --device "$DEVICE")
