@@ -4,7 +4,15 @@ Skipped without CUDA. fp32 comparisons run with TF32 off, so kernels differ only
 reduction order: sdpa (memory-efficient / cuDNN kernels in fp32) vs local (explicit
 softmax(q k^T) v) agree to ~1e-6 relative on these shapes; 1e-4 leaves room for the
 accumulation order of a different kernel, far below any real bug (a wrong mask or scale
-moves logits by O(1)). Recompute re-runs the same kernels on the same inputs: 1e-6.
+moves logits by O(1)).
+
+Recompute vs none: 1e-6 for the loss, 1e-5 for gradients. Measured on an H100 (fp32, TF32
+off): base within 1e-6; mesh's read-router bias off by 4.8e-6, identical for `loop` and
+`layer`, so it comes from the checkpointed path both share (its first pass runs without
+grad), not from either mode's bookkeeping. A softmax router's bias gradient is a sum of
+terms that cancel (the softmax Jacobian's rows sum to zero), which turns rounding-level
+differences of the forward into a larger relative error; a real recompute bug (a wrong RNG
+state, a stale input, a missing iteration) moves gradients by O(1) relative.
 """
 
 import json
@@ -89,7 +97,7 @@ def test_recompute_matches_none_on_cuda(megatron_single, variant, recompute):
     l1, g1 = loss_and_grads(ref, x, y)
     l2, g2 = loss_and_grads(rec, x, y)
     assert abs(l1.item() - l2.item()) <= 1e-6 * abs(l1.item())
-    assert_grads_close(g1, g2, 1e-6)
+    assert_grads_close(g1, g2, 1e-5)
 
 
 def test_bf16_step_is_finite_and_learns(megatron_single):
