@@ -86,11 +86,13 @@ def plot_spectrum(result: dict[str, Any], path: str) -> str:
 def plot_routers(result: dict[str, Any], path: str) -> str:
     routers = result["routers"]
     slots = [f"slot {b}" for b in range(routers["slots"])]
-    fig = Figure(figsize=(2.0 + 1.4 * len(slots), 0.8 + 0.5 * len(routers["steps"])))
+    fig = Figure(figsize=(2.5 + 1.4 * len(slots), 1.6 + 0.5 * len(routers["steps"])), layout="constrained")
     for k, which in enumerate(("write", "read")):
         ax = fig.add_subplot(1, 2, k + 1)
         image = _heatmap(ax, routers[which], routers["steps"], slots, vmin=0.0, vmax=1.0)
         ax.set_title(f"{which} weights")
+        if k:
+            ax.tick_params(labelleft=False)
     fig.colorbar(image, ax=fig.axes, label="mean weight")
     fig.suptitle(_title(result, "MeSH routers"))
     return _save(fig, path)

@@ -8,8 +8,6 @@ test_export.py); tests/distributed/test_probe_tp.py probes a real TP=2 run.
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -158,17 +156,24 @@ def assert_same_probe(a, b, atol):
                                        rtol=0, atol=atol)
 
 
-def test_probe_cli_on_checkpoint_equals_probe_of_its_export(megatron_single, tmp_path):
+def probe_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_mesh", os.path.join(ROOT, "tools", "probe_mesh.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_probe_cli_on_checkpoint_equals_probe_of_its_export(megatron_single, tmp_path, capsys):
     cfg = tiny("mesh")
     save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
     export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
 
-    out = tmp_path / "probe"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "probe_mesh.py"), "--load",
-                           str(tmp_path / "ckpt"), "--out", str(out), "--samples", "4", "--batch-size", "2"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "relative update: prelude" in proc.stdout and "wrote" in proc.stdout
+    cli, out = probe_cli(), tmp_path / "probe"
+    assert cli.main(["--load", str(tmp_path / "ckpt"), "--out", str(out), "--samples", "4", "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "relative update: prelude" in printed and "wrote" in printed
     for name in ("relative_update.png", "cka.png", "spectrum.png", "routers.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     from_ckpt = json.loads((out / "probe.json").read_text())
@@ -176,10 +181,16 @@ def test_probe_cli_on_checkpoint_equals_probe_of_its_export(megatron_single, tmp
     assert from_ckpt["data"] == {"source": "embedded corpus, validation split of 969,30,1", "samples": 4,
                                  "seq_length": SEQ, "seed": 1234}
     assert from_ckpt["model"]["variant"] == "mesh" and from_ckpt["model"]["layout"] == "1+2R2+1"
+    assert not list(out.glob("*.tmp*"))
 
     from_hf = run_probe(str(tmp_path / "hf"), ProbeSettings(**SMALL))
     assert_same_probe(from_hf, from_ckpt, atol=1e-6)
-    assert not list(out.glob("*.tmp*"))
+
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()
+    assert cli.main(["--load", str(tmp_path / "ckpt"), "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --out {tmp_path / 'file'} is a file: pass a directory"]
 
 
 def test_vanilla_layout_reads_the_matched_depths(megatron_single, tmp_path):
@@ -226,8 +237,3 @@ def test_bad_inputs_each_give_one_clear_error(megatron_single, tmp_path):
     for load, settings, message in cases:
         with pytest.raises(ConfigError, match=message):
             run_probe(load, settings)
-    (tmp_path / "file").write_text("x")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "probe_mesh.py"), "--load", ckpt,
-                           "--out", str(tmp_path / "file")], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: --out {tmp_path / 'file'} is a file: pass a directory"]
