@@ -24,11 +24,16 @@ def micro_batch_indices(step: int, micro: int, global_batch: int, dp_rank: int, 
         yield [(start + j) % dataset_len for j in range(micro)]
 
 
-def collate(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens [m, s], labels [m, s], loss_mask [m, s]) from a megatron GPTDataset."""
-    samples = [dataset[i] for i in indices]
+def collate_samples(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens [m, s], labels [m, s], loss_mask [m, s]) from GPTDataset samples (the
+    DataLoader's collate_fn)."""
 
     def stack(key):
         return torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples])
 
     return stack("tokens").long(), stack("labels").long(), stack("loss_mask").float()
+
+
+def collate(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The micro-batch of `indices` from a megatron GPTDataset (see collate_samples)."""
+    return collate_samples([dataset[i] for i in indices])

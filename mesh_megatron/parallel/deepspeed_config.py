@@ -88,9 +88,11 @@ def finalize_ds_config(ds: dict[str, Any], train: TrainingConfig, data_parallel_
                "pipeline schedule's own backward bypasses)")
         raise ConfigError(f"{path}: ZeRO stage {stage} is not supported {why}; "
                           f"supported stages: {', '.join(map(str, supported))}")
-    if pipeline_stages > 1 and train.precision != "fp32":
-        raise ConfigError("pipeline parallelism is supported in fp32 only for now: drop --bf16/--fp16 "
-                          "or use --pipeline-model-parallel-size 1")
+    if pipeline_stages > 1 and train.precision == "fp16":
+        # megatron's schedule runs backward on the unscaled loss; DeepSpeed's fp16 optimizer
+        # expects its loss scale applied there.
+        raise ConfigError("fp16 is not supported with pipeline parallelism (the schedule's backward "
+                          "skips DeepSpeed's loss scaling): use --bf16, or --pipeline-model-parallel-size 1")
     ds = copy.deepcopy(ds)
     accum = gradient_accumulation_steps(train, data_parallel_size)
     if pipeline_stages > 1:
