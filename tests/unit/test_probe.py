@@ -208,6 +208,10 @@ def test_vanilla_layout_reads_the_matched_depths(megatron_single, tmp_path):
     torch.testing.assert_close(torch.tensor(grouped["cka"]), cka, rtol=0, atol=1e-12)
     torch.testing.assert_close(torch.tensor(grouped["spectrum"]), torch.tensor(per_layer["spectrum"])[pick],
                                rtol=0, atol=1e-12)
+    # the in-memory GPT-NeoX (rotary tables rebuilt) equals transformers' load of the export
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
+    assert_same_probe(run_probe(str(tmp_path / "hf"), ProbeSettings(vanilla_layout="1+2R2+1", **SMALL)), grouped,
+                      atol=1e-6)
     paths = write_probe(grouped, str(tmp_path / "out"))
     assert sorted(os.path.basename(p) for p in paths) == ["cka.png", "probe.json", "relative_update.png",
                                                           "spectrum.png"]
@@ -237,3 +241,14 @@ def test_bad_inputs_each_give_one_clear_error(megatron_single, tmp_path):
     for load, settings, message in cases:
         with pytest.raises(ConfigError, match=message):
             run_probe(load, settings)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_probe_on_cuda_equals_cpu(megatron_single, tmp_path):
+    cfg = tiny("mesh")
+    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
+    cpu = run_probe(str(tmp_path / "ckpt"), ProbeSettings(device="cpu", **SMALL))
+    cuda = run_probe(str(tmp_path / "ckpt"), ProbeSettings(device="cuda", **SMALL))
+    assert cuda["settings"]["device"] == "cuda"
+    assert_same_probe(cuda, cpu, atol=1e-4)  # fp32 forward: kernels differ, not the math
