@@ -5,6 +5,13 @@ and/or perplexity on a split of an indexed dataset.
   python tools/eval_lm.py --model-dir hf/run1 --tasks lambada_openai,piqa --output results.json
   python tools/eval_lm.py --model-dir hf/run1 --perplexity-data data/pile_text_document --output ppl.json
   python tools/eval_lm.py --model-dir hf/run1 --tasks my_task --include-path my_tasks/ --offline
+  python tools/eval_lm.py --model-dir hf/run1 --suite paper --pile-data data/pile_val_text_document --offline
+
+--suite paper is the protocol of docs/MESH_METHOD.md section 5: Pile validation perplexity
+(--pile-data, token level), Wikitext and LAMBADA perplexities, and 0-shot accuracy on
+lambada_openai, lambada_standard, hellaswag, piqa, winogrande, arc_easy, arc_challenge, sciq,
+mmlu_continuation (average of `acc`). Every piece's data is checked first: anything missing
+stops with one line naming it (or is listed and skipped with --skip-unavailable).
 
 Offline use: with --offline (or HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1) nothing is downloaded;
 tasks whose datasets are in the Hugging Face cache, or that read local files
@@ -23,6 +30,12 @@ import sys
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", required=True, help="Hugging Face directory written by tools/convert_to_hf.py")
+    p.add_argument("--suite", choices=["paper"], default=None,
+                   help="a named protocol: 'paper' = Pile/Wikitext/LAMBADA perplexity + the nine 0-shot tasks")
+    p.add_argument("--pile-data", nargs="+", default=None,
+                   help="--suite paper: indexed dataset of the Pile validation documents (model's tokenizer)")
+    p.add_argument("--skip-unavailable", action="store_true",
+                   help="--suite paper: run what has data, list the rest, instead of stopping")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval task names or glob patterns (e.g. lambada_openai,piqa)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
@@ -53,9 +66,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     ppl.add_argument("--tokenizer-model", default=None, help="its file (default: the one in --model-dir)")
     ppl.add_argument("--data-cache-dir", default=None, help="dataset index cache (default ~/.cache/mesh_megatron)")
     args = p.parse_args(argv)
-    if not args.tasks and not args.perplexity_data:
-        p.error("nothing to do: pass --tasks and/or --perplexity-data")
+    if not args.tasks and not args.perplexity_data and not args.suite:
+        p.error("nothing to do: pass --suite paper, --tasks and/or --perplexity-data")
     return args
+
+
+def run_paper(args, hf_eval) -> dict:
+    """docs/MESH_METHOD.md section 5 on the exported model; ConfigError if data is missing."""
+    tasks, skipped = hf_eval.check_paper_suite(args.model_dir, args.pile_data, args.include_path,
+                                               args.skip_unavailable)
+    for item in skipped:
+        print(f"skipped: {item}")
+    pile = None
+    if args.pile_data:
+        pile = hf_eval.perplexity(args.model_dir, args.pile_data, split=hf_eval.PILE_SPLIT, which="train",
+                                  samples=args.perplexity_samples, seq_length=args.seq_length,
+                                  batch_size=args.perplexity_batch_size, seed=args.seed,
+                                  tokenizer_type=args.tokenizer_type, tokenizer_file=args.tokenizer_model,
+                                  cache_dir=args.data_cache_dir, dtype=args.dtype, device=args.device)
+    batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    results = hf_eval.run_lm_eval(args.model_dir, tasks, num_fewshot=0, batch_size=batch, limit=limit,
+                                  include_path=args.include_path, dtype=args.dtype, device=args.device) if tasks else {}
+    summary = hf_eval.paper_summary(results, pile)
+    summary["skipped"] = skipped
+    for key in ("pile_perplexity", "wikitext_word_perplexity", "lambada_openai_perplexity",
+                "lambada_standard_perplexity", "zero_shot_avg_acc"):
+        value = summary[key]
+        print(f"{key}: {value:.4f}" if value is not None else f"{key}: -")
+    for task, acc in summary["zero_shot_acc"].items():
+        print(f"  {task}: acc {acc:.4f}")
+    return {"summary": summary, "lm_eval": results}
 
 
 def main(argv=None) -> int:
@@ -68,6 +109,8 @@ def main(argv=None) -> int:
 
     out: dict = {"model_dir": args.model_dir}
     try:
+        if args.suite == "paper":
+            out["paper"] = run_paper(args, hf_eval)
         if args.perplexity_data:
             out["perplexity"] = hf_eval.perplexity(
                 args.model_dir, args.perplexity_data, split=args.split, which=args.perplexity_split,

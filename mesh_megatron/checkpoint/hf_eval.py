@@ -131,3 +131,72 @@ def perplexity(model_dir: str, data_path: Sequence[str], *, split: str = "969,30
     loss = total_nll / max(total_tokens, 1.0)
     return {"split": which, "samples": samples, "seq_length": seq_length, "tokens": int(total_tokens),
             "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+# ------------------------------------------------------------------ the paper's protocol
+# docs/MESH_METHOD.md section 5: Pile validation perplexity; 0-shot average accuracy over
+# nine lm-eval tasks. Wikitext and LAMBADA perplexities come from the same lm-eval run.
+PAPER_ZERO_SHOT = ("lambada_openai", "lambada_standard", "hellaswag", "piqa", "winogrande",
+                   "arc_easy", "arc_challenge", "sciq", "mmlu_continuation")
+PAPER_PERPLEXITY_TASKS = ("wikitext",)  # + lambada_openai / lambada_standard's own perplexity
+PILE_SPLIT = "1,0,0"  # --pile-data holds the Pile *validation* documents only: all of it is read
+
+
+def unavailable_tasks(tasks: Sequence[str], include_path: Optional[Sequence[str]] = None) -> dict[str, str]:
+    """{task: why} for the tasks whose data cannot be loaded here (offline: not in the Hugging
+    Face cache and no local task YAML). Loading is lm-eval's own, so what passes here runs."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=list(include_path) if include_path else None)
+    missing = {}
+    for task in tasks:
+        if not manager.match_tasks([task]):
+            missing[task] = "unknown to lm-eval"
+            continue
+        try:
+            get_task_dict([task], manager)
+        except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, its own types...
+            missing[task] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return missing
+
+
+def check_paper_suite(model_dir: str, pile_data: Optional[Sequence[str]], include_path=None,
+                      skip_unavailable: bool = False) -> tuple[list[str], list[str]]:
+    """(lm-eval tasks to run, what is skipped), or ConfigError with one line naming every
+    missing piece and the fix, before the model is loaded."""
+    check_model_dir(model_dir)
+    tasks = [*PAPER_ZERO_SHOT, *PAPER_PERPLEXITY_TASKS]
+    missing = unavailable_tasks(tasks, include_path)
+    skipped = [f"{t} ({why})" for t, why in missing.items()]
+    if not pile_data:
+        skipped.insert(0, "pile (no --pile-data)")
+    if skipped and not skip_unavailable:
+        raise ConfigError(
+            f"--suite paper: data not available for {len(skipped)} of {len(tasks) + 1} evaluations: "
+            + "; ".join(skipped) + ". Fix: pass --pile-data PREFIX (the Pile validation set, "
+            "tools/preprocess_data.py with the model's tokenizer), fetch the lm-eval datasets into the "
+            "Hugging Face cache once online (or --include-path with local task YAMLs), or --skip-unavailable")
+    return [t for t in tasks if t not in missing], skipped
+
+
+def paper_summary(lm_results: dict[str, Any], pile: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's numbers from lm-eval's result dict: perplexities and 0-shot accuracies."""
+    res = (lm_results or {}).get("results", {})
+
+    def metric(task: str, name: str) -> Optional[float]:
+        value = res.get(task, {}).get(f"{name},none")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    acc = {t: metric(t, "acc") for t in PAPER_ZERO_SHOT if metric(t, "acc") is not None}
+    out: dict[str, Any] = {
+        "pile_perplexity": pile["perplexity"] if pile else None,
+        "wikitext_word_perplexity": metric("wikitext", "word_perplexity"),
+        "lambada_openai_perplexity": metric("lambada_openai", "perplexity"),
+        "lambada_standard_perplexity": metric("lambada_standard", "perplexity"),
+        "zero_shot_acc": acc,
+        "acc_norm": {t: v for t in PAPER_ZERO_SHOT if (v := metric(t, "acc_norm")) is not None},
+        # Average over the tasks that ran; the paper's number needs all nine.
+        "zero_shot_avg_acc": sum(acc.values()) / len(acc) if acc else None,
+        "zero_shot_tasks_run": len(acc),
+    }
+    return out

@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Variant ablation at matched compute with a token-budget sweep, through pretrain_mesh.py.
+
+  python tools/ablate.py --variants base,anchor,mesh --preset tiny --layout 2+2R2+2 --hidden-size 128 \\
+      --tokens 5e5,1e6,2e6 --seeds 2 --out docs/ablation --runs-dir /tmp/ablation_runs
+  python tools/ablate.py --quick --out /tmp/ablate_quick        # CI: 2 variants, 1 seed, tiny budgets
+
+Every variant gets the same layout (vanilla: the layout unrolled into P + C*K + Q distinct
+layers, so the compute depth is the same), the same recipe, the same tokens and, per seed,
+the same training and validation batches. One run per (variant, seed) trains to the largest
+budget on one cosine schedule and is validated every `interval` steps on the same held-out
+micro-batches; the budgets are multiples of that interval (so the smaller budgets are
+mid-schedule points of the longest run, not separately tuned runs).
+
+Outputs in --out: recipe.yaml (the shared recipe), results.json (one record per variant,
+seed and budget with valid_loss, plus every evaluated point), results.md (mean +- sd per
+budget, paired mesh-base / anchor-base differences, the crossover statement), loss_vs_tokens.png.
+Resumable: a finished run (RUNS/<variant>-s<seed>/done.json) is not repeated; an interrupted
+one continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SCRIPT = os.path.join(ROOT, "pretrain_mesh.py")
+QUICK = dict(variants="base,mesh", preset="tiny", layout="1+2R2+1", hidden_size=32, tokens="256,512", seeds=1,
+             seq_length=32, micro_batch_size=4, global_batch_size=4, eval_iters=1, lr=3e-3, min_lr=3e-4)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="base,anchor,mesh", help="comma-separated variants (vanilla, base, anchor, mesh, ...)")
+    p.add_argument("--preset", default="tiny", help="model preset (shape, vocab, seq length)")
+    p.add_argument("--layout", default=None, help="recursive layout P+CrK+Q shared by every variant (default: the preset's)")
+    p.add_argument("--hidden-size", type=int, default=None, help="override the preset's hidden size")
+    p.add_argument("--num-attention-heads", type=int, default=None, help="override the preset's head count")
+    p.add_argument("--tokens", default="1e6,3e6,1e7", help="comma-separated training-token budgets")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per variant (1234, 1235, ...)")
+    p.add_argument("--out", required=True, help="results directory (recipe.yaml, results.json/.md, PNG)")
+    p.add_argument("--runs-dir", default=None, help="checkpoints and logs of the runs (default OUT/runs)")
+    p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
+    p.add_argument("--micro-batch-size", type=int, default=16)
+    p.add_argument("--global-batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr", type=float, default=3e-4)
+    p.add_argument("--lr-warmup-fraction", type=float, default=0.01)
+    p.add_argument("--eval-iters", type=int, default=6, help="validation micro-batches per evaluation")
+    p.add_argument("--evals-per-budget", type=int, default=1,
+                   help="validation points per smallest budget (a finer loss curve; budgets still exact)")
+    p.add_argument("--ds-config", default=os.path.join(ROOT, "examples", "zero0.json"))
+    p.add_argument("--data-path", nargs="*", default=[], help="as pretrain_mesh.py (default: the embedded corpus)")
+    p.add_argument("--tokenizer-type", default=None)
+    p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--quick", action="store_true", help="CI: two variants, one seed, tiny model and budgets")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more pretrain_mesh.py flags for every run")
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    from mesh_megatron.config import VARIANTS
+
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad or len(args.variants) < 2:
+        p.error(f"--variants: need two or more of {', '.join(VARIANTS)}" + (f"; unknown: {', '.join(bad)}" if bad else ""))
+    try:
+        args.tokens = sorted({int(float(t)) for t in args.tokens.split(",") if t.strip()})
+    except ValueError:
+        p.error(f"--tokens {args.tokens!r}: give comma-separated numbers such as 1e6,3e6")
+    if not args.tokens or args.tokens[0] <= 0 or args.seeds < 1:
+        p.error("--tokens must be positive and --seeds >= 1")
+    args.extra = [a for a in args.extra if a != "--"]
+    args.runs_dir = args.runs_dir or os.path.join(args.out, "runs")
+    return args
+
+
+# ------------------------------------------------------------------ plan
+def recipe(args) -> dict:
+    """The recipe shared by every run (pretrain_mesh.py --config); variant and seed are flags."""
+    from mesh_megatron.config import preset
+
+    model = {"preset": args.preset}
+    if args.layout:
+        model["layout"] = args.layout
+    for key in ("hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(args, key) is not None:
+            model[key] = getattr(args, key)
+    seq = args.seq_length or preset(args.preset).seq_length
+    model["seq_length"] = seq
+    training = dict(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+                    lr=args.lr, min_lr=args.min_lr, lr_warmup_fraction=args.lr_warmup_fraction)
+    data = {"data_path": list(args.data_path)}
+    if args.tokenizer_model:
+        data.update(tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model)
+    return {"model": model, "training": training, "parallel": {"ds_config": args.ds_config},
+            "checkpoints": {"eval_iters": args.eval_iters, "log_interval": 10, "sample_tokens": 0,
+                            "keep_last": 1}, "data": data}
+
+
+def schedule(args, tokens_per_step: int) -> tuple[int, dict[int, int]]:
+    """(eval interval in steps, {budget tokens: steps}); budgets rounded to interval multiples."""
+    interval = max(1, round(args.tokens[0] / tokens_per_step / args.evals_per_budget))
+    steps = {t: max(1, round(t / tokens_per_step / interval)) * interval for t in args.tokens}
+    return interval, steps
+
+
+# ------------------------------------------------------------------ runs
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_evals(log_path: str) -> dict[int, float]:
+    """{step: valid loss} from a --log-jsonl file (a resumed run re-logs a step: last wins)."""
+    evals: dict[int, float] = {}
+    if os.path.exists(log_path):
+        for line in open(log_path):
+            r = json.loads(line)
+            if "valid/loss" in r:
+                evals[int(r["step"])] = float(r["valid/loss"])
+    return evals
+
+
+def train_one(args, recipe_path: str, variant: str, seed: int, train_iters: int, interval: int) -> dict:
+    run_dir = os.path.join(args.runs_dir, f"{variant}-s{seed}")
+    done = os.path.join(run_dir, "done.json")
+    if os.path.exists(done):
+        print(f"[ablate] {variant} seed {seed}: finished earlier, not repeated", flush=True)
+        return json.load(open(done))
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt, log = os.path.join(run_dir, "ckpt"), os.path.join(run_dir, "log.jsonl")
+    cmd = [sys.executable, SCRIPT, "--config", recipe_path, "--variant", variant, "--seed", str(seed),
+           "--train-iters", str(train_iters), "--eval-interval", str(interval), "--save-interval", str(interval),
+           "--save", ckpt, "--log-jsonl", log, *args.extra]
+    if os.path.exists(os.path.join(ckpt, "latest")):
+        cmd += ["--load", ckpt]
+        print(f"[ablate] {variant} seed {seed}: continuing from {ckpt}", flush=True)
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    print(f"[ablate] {variant} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    start = time.time()
+    with open(os.path.join(run_dir, "stdout.txt"), "a") as out:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = open(os.path.join(run_dir, "stdout.txt")).read()[-3000:]
+        raise SystemExit(f"error: run {variant} seed {seed} failed (exit {proc.returncode}); its output "
+                         f"ends:\n{tail}\nfix it and rerun: finished runs are kept")
+    result = {"variant": variant, "seed": seed, "evals": read_evals(log), "seconds": time.time() - start,
+              "checkpoint": ckpt}
+    tmp = done + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, done)  # done.json appears only for a complete run
+    return json.load(open(done))
+
+
+# ------------------------------------------------------------------ report
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def _fmt(m: float, s: float) -> str:
+    return f"{m:.4f} ± {s:.4f}" if not math.isnan(s) else f"{m:.4f}"
+
+
+def summarize(args, runs: list[dict], steps: dict[int, int], tokens_per_step: int) -> tuple[list[dict], str]:
+    records = []
+    for r in runs:
+        for budget, n in steps.items():
+            records.append({"variant": r["variant"], "seed": r["seed"], "tokens": n * tokens_per_step,
+                            "budget": budget, "iteration": n, "valid_loss": r["evals"][str(n)]})
+    loss = {(r["variant"], r["seed"], r["budget"]): r["valid_loss"] for r in records}
+    seeds = sorted({r["seed"] for r in runs})
+    lines = ["| tokens | " + " | ".join(args.variants) + " | " +
+             " | ".join(f"{v} - base" for v in ("mesh", "anchor") if v in args.variants and "base" in args.variants)
+             + " |"]
+    diffs = [v for v in ("mesh", "anchor") if v in args.variants and "base" in args.variants]
+    lines.append("|" + "---|" * (1 + len(args.variants) + len(diffs)))
+    crossover = None
+    for budget, n in steps.items():
+        cells = [_fmt(*_mean_sd([loss[(v, s, budget)] for s in seeds])) for v in args.variants]
+        for v in diffs:
+            d = [loss[(v, s, budget)] - loss[("base", s, budget)] for s in seeds]
+            m, sd = _mean_sd(d)
+            cells.append(f"{m:+.4f} ± {sd:.4f}" if not math.isnan(sd) else f"{m:+.4f}")
+            if v == "mesh" and crossover is None and m < 0:
+                crossover = n * tokens_per_step
+        lines.append(f"| {n * tokens_per_step:,} | " + " | ".join(cells) + " |")
+    if "mesh" in args.variants and "base" in args.variants:
+        statement = (f"mesh first beats base (mean over seeds) at {crossover:,} training tokens."
+                     if crossover is not None else "mesh does not beat base: not within the budgets run.")
+    else:
+        statement = "mesh vs base: not compared (both variants are needed)."
+    order = {}
+    last = list(steps)[-1]
+    for v in args.variants:
+        order[v] = statistics.fmean(loss[(v, s, last)] for s in seeds)
+    ranking = " < ".join(f"{v} ({order[v]:.4f})" for v in sorted(order, key=order.get))
+    md = "\n".join([
+        "# Variant ablation", "",
+        f"Validation loss (mean ± sd over {len(seeds)} seed(s): {', '.join(map(str, seeds))}) after each "
+        f"training-token budget; differences are paired per seed (same training and validation batches). "
+        f"{tokens_per_step:,} tokens per step; one cosine schedule per run, to the largest budget.", "",
+        *lines, "",
+        f"**Crossover:** {statement}", "",
+        f"**Ordering at the largest budget** (lower is better): {ranking}.", "",
+        "Recipe: `recipe.yaml` (every run: `pretrain_mesh.py --config recipe.yaml --variant V --seed S`).", ""])
+    return records, md
+
+
+def plot(args, runs: list[dict], tokens_per_step: int, steps: dict[int, int], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for v in args.variants:
+        per_seed = [r["evals"] for r in runs if r["variant"] == v]
+        common = sorted(set.intersection(*(set(map(int, e)) for e in per_seed)) - {0})
+        xs = [n * tokens_per_step for n in common]
+        vals = [[e[str(n)] for e in per_seed] for n in common]
+        ax.plot(xs, [statistics.fmean(x) for x in vals], marker="o", ms=3, label=v)
+        if len(per_seed) > 1:
+            ax.fill_between(xs, [min(x) for x in vals], [max(x) for x in vals], alpha=0.2)
+    for n in steps.values():
+        ax.axvline(n * tokens_per_step, color="grey", lw=0.5, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"{args.preset} {args.layout or ''} hidden {args.hidden_size or ''}: mean over seeds (band: min-max)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import yaml
+
+    from mesh_megatron.config import ConfigError
+
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.runs_dir, exist_ok=True)
+    shared = recipe(args)
+    recipe_path = os.path.join(args.out, "recipe.yaml")
+    text = yaml.safe_dump(shared, sort_keys=False)
+    if os.path.exists(recipe_path) and open(recipe_path).read() != text and \
+            any(os.scandir(args.runs_dir)):
+        raise SystemExit(f"error: {recipe_path} holds another recipe than these flags and {args.runs_dir} "
+                         "has runs of it: use a new --out/--runs-dir, or the same flags to resume")
+    write_atomic(recipe_path, text)
+    # Every variant must build and fit before hours of training start.
+    from mesh_megatron.training import arguments
+
+    import contextlib
+    import io
+
+    for v in args.variants:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the check's printed recipe is not wanted
+                arguments.parse(["--config", recipe_path, "--variant", v, "--print-config"], world_size=1)
+        except SystemExit as e:
+            if e.code not in (0, None):
+                return 2
+        except ConfigError as e:
+            print(f"error: variant {v}: {e}", file=sys.stderr)
+            return 2
+    tokens_per_step = shared["training"]["global_batch_size"] * shared["model"]["seq_length"]
+    interval, steps = schedule(args, tokens_per_step)
+    train_iters = max(steps.values())
+    print(f"[ablate] {len(args.variants)} variants x {args.seeds} seeds, {tokens_per_step} tokens/step, "
+          f"budgets {steps} (steps), validation every {interval} steps", flush=True)
+    runs = [train_one(args, recipe_path, v, 1234 + s, train_iters, interval)
+            for s in range(args.seeds) for v in args.variants]
+    records, md = summarize(args, runs, steps, tokens_per_step)
+    command = "python tools/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = {"command": command, "variants": args.variants, "seeds": [1234 + s for s in range(args.seeds)],
+               "tokens_per_step": tokens_per_step, "eval_interval": interval,
+               "budgets": {str(k): v for k, v in steps.items()}, "recipe": shared, "records": records,
+               "curves": [{"variant": r["variant"], "seed": r["seed"], "seconds": r["seconds"],
+                           "points": [{"tokens": int(k) * tokens_per_step, "valid_loss": val}
+                                      for k, val in sorted(r["evals"].items(), key=lambda kv: int(kv[0]))]}
+                          for r in runs]}
+    write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1))
+    write_atomic(os.path.join(args.out, "results.md"), md + f"\nCommand: `{command}`\n")
+    plot(args, runs, tokens_per_step, steps, os.path.join(args.out, "loss_vs_tokens.png"))
+    print(md)
+    print(f"[ablate] wrote {args.out}/results.json, results.md, loss_vs_tokens.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
