@@ -1,41 +1,72 @@
-"""Run a worker script in N local processes with torchrun's environment (gloo on CPU)."""
+"""Run a worker script in N local processes with torchrun's environment (gloo on CPU).
+
+Two hazards of a hand-rolled launcher are avoided:
+  - pipe deadlock: each rank writes to its own temporary file, not a pipe that nobody reads
+    while rank 0 is being waited on (a rank filling a 64 KiB pipe buffer would block forever);
+  - free-port race: this process hosts the rendezvous TCPStore itself, bound to port 0 (the
+    OS picks a free port and it stays bound for the whole run), and the ranks connect to it as
+    clients, as under torchrun's agent (TORCHELASTIC_USE_AGENT_STORE).
+A rank that fails stops the others at once instead of leaving them blocked in a collective.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous_store():
+    """A TCPStore server on a port the OS chose; keep the object alive while ranks run."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
-def run_workers(script: str, nprocs: int, args: list[str], timeout: float = 300) -> list[str]:
+def run_workers(script: str, nprocs: int, args: list[str], timeout: float = 600,
+                env: dict[str, str] | None = None) -> list[str]:
     """Start `nprocs` copies of `script`; fail with every rank's output if any rank fails."""
-    port = str(free_port())
+    store = rendezvous_store()
+    logs = [tempfile.TemporaryFile(mode="w+", prefix=f"rank{r}_") for r in range(nprocs)]
     procs = []
     for rank in range(nprocs):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-        procs.append(subprocess.Popen([sys.executable, script, *args], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outputs.append(out)
+        rank_env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
+                        LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+                        TORCHELASTIC_USE_AGENT_STORE="True", OMP_NUM_THREADS="1",
+                        PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, script, *args], env=rank_env, cwd=ROOT,
+                                      stdout=logs[rank], stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs):
+                time.sleep(5)  # let the others print their side of the failure
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{script} did not finish within {timeout} s:\n" + _tails(logs, procs))
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    outputs = [_read(f) for f in logs]
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
-        raise AssertionError("\n".join(f"--- rank {i} (rc {procs[i].returncode}) ---\n{outputs[i][-4000:]}" for i in failed))
+        raise AssertionError("\n".join(f"--- rank {i} (rc {procs[i].returncode}) ---\n{outputs[i][-4000:]}"
+                                       for i in failed))
     return outputs
+
+
+def _read(f) -> str:
+    f.flush()
+    f.seek(0)
+    return f.read()
+
+
+def _tails(logs, procs) -> str:
+    return "\n".join(f"--- rank {i} (rc {p.poll()}) ---\n{_read(f)[-2000:]}" for i, (f, p) in enumerate(zip(logs, procs)))

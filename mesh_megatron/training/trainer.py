@@ -192,7 +192,12 @@ class Trainer:
     def resume(self, load_dir: str, tag: str) -> None:
         from mesh_megatron.checkpoint.manager import CheckpointManager
 
-        state = CheckpointManager.load(self.engine, load_dir, tag)
+        from mesh_megatron.checkpoint.reshard import is_universal, load_universal
+
+        # A checkpoint resharded by tools/convert_checkpoint.py (another TP/PP/DP layout) carries
+        # the optimizer in DeepSpeed's universal format.
+        state = (load_universal(self.engine, load_dir, tag) if is_universal(load_dir, tag)
+                 else CheckpointManager.load(self.engine, load_dir, tag))
         if state.get("weights_only"):  # an imported model: new run from its weights
             self.sinks.print(f"initialised weights from {load_dir}/{tag} (weights only: fresh optimizer, "
                              "iteration 0)")
