@@ -59,7 +59,9 @@ class Preemption:
         fault("sigterm_after_step", iteration)
         timed_out = self.budget_s is not None and time.time() - self.start >= self.budget_s
         local = 1 if self.received is not None else 2 if timed_out else 0
-        flag = torch.tensor([local], dtype=torch.int32)
+        # NCCL reduces device tensors only; gloo host tensors.
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([local], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return _REASONS[int(flag.item())]
 
