@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-iters", type=int, default=6, help="validation micro-batches per evaluation")
     p.add_argument("--evals-per-budget", type=int, default=1,
                    help="validation points per smallest budget (a finer loss curve; budgets still exact)")
-    p.add_argument("--ds-config", default=os.path.join(ROOT, "examples", "zero0.json"))
+    p.add_argument("--ds-config", default="examples/zero0.json",
+                   help="DeepSpeed config (relative paths: to the repository, where the runs start)")
     p.add_argument("--data-path", nargs="*", default=[], help="as pretrain_mesh.py (default: the embedded corpus)")
     p.add_argument("--tokenizer-type", default=None)
     p.add_argument("--tokenizer-model", default=None)
@@ -82,7 +83,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--tokens must be positive and --seeds >= 1")
     args.extra = [a for a in args.extra if a != "--"]
     args.runs_dir = args.runs_dir or os.path.join(args.out, "runs")
+    # Runs start in the repository (relative ds_config); the user's paths are resolved here.
+    args.out, args.runs_dir = os.path.abspath(args.out), os.path.abspath(args.runs_dir)
+    args.data_path = [p if _is_weight(p) else os.path.abspath(p) for p in args.data_path]
+    if args.tokenizer_model:
+        args.tokenizer_model = os.path.abspath(args.tokenizer_model)
     return args
+
+
+def _is_weight(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------ plan
@@ -256,6 +270,7 @@ def write_atomic(path: str, text: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    os.chdir(ROOT)
     import yaml
 
     from mesh_megatron.config import ConfigError
