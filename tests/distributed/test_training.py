@@ -92,13 +92,25 @@ def assert_params_close(p1, p2, heads, rotary_dims, lr, steps):
         assert diff.max() <= 1e-5, k
 
 
-def test_tensor_parallel_2_with_zero1_equals_tp1(tmp_path):
-    common = ["--ds_config", "examples/zero1.json", "--train-iters", "5",
-              "--micro-batch-size", "4", "--global-batch-size", "8"]
-    tp1, _, _ = train(tmp_path, "tp1", 1, common)
-    tp2, _, _ = train(tmp_path, "tp2", 2, common + ["--tensor-model-parallel-size", "2"])
-    assert len(tp1) == len(tp2) == 5
-    assert max(abs(a - b) for a, b in zip(tp1, tp2)) <= 1e-5, (tp1, tp2)
+def logged(path, key) -> list[float]:
+    return [r[key] for r in map(json.loads, open(path)) if key in r]
+
+
+def test_tp2_x_zero1_dp2_equals_one_rank_with_clipping(tmp_path):
+    """4 ranks: TP=2 x DP=2, so ZeRO-1 really partitions the optimizer across 2 data-parallel
+    ranks of each TP shard. --clip-grad 0.5 is below every step's gradient norm (~1.4 on tiny),
+    so clipping scales every update by clip / norm: a norm that counted replicated weights
+    once per TP rank, or missed a shard, would change the updates and the losses."""
+    common = ["--ds_config", "examples/zero1.json", "--train-iters", "3", "--micro-batch-size", "2",
+              "--global-batch-size", "8", "--clip-grad", "0.5", "--adam-eps", "1e-6"]
+    one, _, _ = train(tmp_path, "one", 1, common)
+    four, _, out = train(tmp_path, "tp2dp2", 4, common + ["--tensor-model-parallel-size", "2"])
+    assert "data-parallel 2" in out[0]
+    norm1, norm4 = logged(tmp_path / "one.jsonl", "train/grad_norm"), logged(tmp_path / "tp2dp2.jsonl", "train/grad_norm")
+    assert len(norm1) == len(norm4) == 3
+    assert min(norm1) > 0.5  # clipping fired on every step
+    assert max(abs(a - b) / a for a, b in zip(norm1, norm4)) <= 1e-5, (norm1, norm4)
+    assert max(abs(a - b) for a, b in zip(one, four)) <= 1e-5, (one, four)
 
 
 def test_resume_is_bit_for_bit_with_grad_accumulation(tmp_path):
