@@ -16,7 +16,7 @@ from mesh_megatron.analysis import metrics
 from mesh_megatron.analysis.probe import ProbeSettings, load_model, run_probe, write_probe
 from mesh_megatron.analysis.states import StateReader
 from mesh_megatron.checkpoint.hf_export import export_to_hf
-from mesh_megatron.config import ConfigError
+from mesh_megatron.config import VARIANTS, ConfigError
 from test_export import ROOT, SEQ, random_model, save_like_training, tiny, token_ids
 
 KEYS = ("states", "relative_update", "cka", "spectrum", "routers")
@@ -90,21 +90,25 @@ def test_rank_r_state_has_r_nonzero_normalised_singular_values(rank):
 # the states the probe reads
 
 
-def test_states_and_routers_equal_the_training_model(megatron_single, tmp_path):
-    cfg = tiny("mesh")
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "vanilla"])
+def test_states_and_routers_equal_the_training_model(megatron_single, tmp_path, variant):
+    """Every looped variant: the states (and MeSH router weights) the probe reads from the
+    Hugging Face model of a checkpoint are the training model's own (its observe= hook)."""
+    cfg = tiny(variant)
     model = random_model(cfg)
-    save_like_training(tmp_path / "ckpt", cfg, model.state_dict())
-    probed = load_model(str(tmp_path / "ckpt"))
-    reader = StateReader(probed.model)
+    save_like_training(tmp_path / "ckpt", cfg, model.state_dict(), tokenizer=False)
+    reader = StateReader(load_model(str(tmp_path / "ckpt")).model)
+    assert reader.variant == variant
     assert reader.names == ["h_emb", "h0", "h_1", "h_2", "h_out"]
-    assert reader.router_steps == ["transitional", "loop 1", "loop 2"] and reader.slots == 5
+    assert reader.router_steps == (["transitional", "loop 1", "loop 2"] if cfg.is_mesh else [])
+    assert reader.slots == (5 if cfg.is_mesh else 0)
 
-    ids = token_ids()
-    seen = {}
-    routers = model.block.state_passing
-    hooks = [r.register_forward_hook(lambda m, i, out, key=(k, s): seen.__setitem__(key, out))
-             for k, group in (("write", routers.write_routers), ("read", routers.read_routers))
-             for s, r in enumerate(group)]
+    ids, seen, hooks = token_ids(), {}, []
+    if cfg.is_mesh:
+        routers = model.block.state_passing
+        hooks = [r.register_forward_hook(lambda m, i, out, key=(k, s): seen.__setitem__(key, out))
+                 for k, group in (("write", routers.write_routers), ("read", routers.read_routers))
+                 for s, r in enumerate(group)]
     with torch.no_grad():
         model(ids, observe=lambda name, h: seen.__setitem__(name, h.transpose(0, 1)))  # [s, b, h] -> [b, s, h]
     for h in hooks:
@@ -113,12 +117,13 @@ def test_states_and_routers_equal_the_training_model(megatron_single, tmp_path):
     for name, state in zip(reader.names, capture.states):
         key = {"h_1": "h1", "h_2": "h2"}.get(name, name)
         torch.testing.assert_close(state, seen[key], rtol=1e-5, atol=1e-5)
-    for s in range(3):
+    assert len(capture.write) == len(capture.read) == len(reader.router_steps)
+    for s in range(len(reader.router_steps)):
         for which, got in (("write", capture.write), ("read", capture.read)):
             torch.testing.assert_close(got[s], seen[(which, s)].transpose(0, 1), rtol=1e-5, atol=1e-6)
             # a softmax over the slots: every token's weights sum to 1
             torch.testing.assert_close(got[s].sum(-1), torch.ones(2, SEQ), rtol=0, atol=1e-6)
-            assert (got[s].max(-1).values < 0.99).all()  # the random routers are not one-hot
+            assert got[s].max(-1).values.mean() < 0.9  # the random routers are far from one-hot
 
 
 # -----------------------------------------------------------------------------
