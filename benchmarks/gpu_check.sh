@@ -113,7 +113,7 @@ if [[ "$DRY" == 1 ]]; then
            "tiny-hf|--preset tiny --seq-length 64 --micro-batch-size 2 --steps 2 --variants vanilla,base,mesh --hf --bf16")
 else
     BENCH=("pythia-160m|--preset pythia-160m --seq-length 4096 --micro-batch-size 4 --bf16 --steps 10"
-           "pythia-1.4b|--preset pythia-1.4b --seq-length 4096 --micro-batch-size 2 --bf16 --steps 8"
+           "pythia-1.4b|--preset pythia-1.4b --seq-length 4096 --micro-batch-size 4 --bf16 --steps 8"
            "pythia-410m-hf|--preset pythia-410m --seq-length 4096 --micro-batch-size 2 --bf16 --steps 8 --hf")
 fi
 for spec in "${BENCH[@]}"; do

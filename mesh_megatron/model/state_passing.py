@@ -121,7 +121,8 @@ class MeshStatePassing(nn.Module):
         carry = MeshCarry(carry.h_emb, carry.values + [value], carry.writes + [w])  # write, then read
         out = r[..., :1].to(value.dtype) * carry.h_emb.to(value.dtype)
         for v, w_i in zip(carry.values, carry.writes):
-            out = out + (r * w_i).sum(dim=-1, keepdim=True).to(v.dtype) * v  # [s, b, 1] * [s, b, h]
+            # out += c_i * v_i, one fused kernel: [s, b, h] + [s, b, 1] * [s, b, h]
+            out = torch.addcmul(out, (r * w_i).sum(dim=-1, keepdim=True).to(v.dtype), v)
         return out, carry
 
     def start(self, h_emb: Tensor, h_pre: Tensor) -> tuple[Tensor, MeshCarry]:

@@ -6,10 +6,10 @@ softmax(q k^T) v) agree to ~1e-6 relative on these shapes; 1e-4 leaves room for 
 accumulation order of a different kernel, far below any real bug (a wrong mask or scale
 moves logits by O(1)).
 
-Recompute vs none: 1e-6 for the loss, 1e-5 for gradients. Measured on an H100 (fp32, TF32
-off): base within 1e-6; mesh's read-router bias off by 4.8e-6, identical for `loop` and
-`layer`, so it comes from the checkpointed path both share (its first pass runs without
-grad), not from either mode's bookkeeping. A softmax router's bias gradient is a sum of
+Recompute vs none: rel 1e-6 for the loss and for gradients, the latter against the model's
+largest gradient entry. Measured on an H100 (fp32, TF32 off): base within 1e-6 per tensor;
+mesh's read-router bias off by 4.8e-6 of its own (small) size, identical for `loop` and
+`layer`: recompute sums a state's gradient contributions in another order. A softmax router's bias gradient is a sum of
 terms that cancel (the softmax Jacobian's rows sum to zero), which turns rounding-level
 differences of the forward into a larger relative error; a real recompute bug (a wrong RNG
 state, a stale input, a missing iteration) moves gradients by O(1) relative.
@@ -97,7 +97,12 @@ def test_recompute_matches_none_on_cuda(megatron_single, variant, recompute):
     l1, g1 = loss_and_grads(ref, x, y)
     l2, g2 = loss_and_grads(rec, x, y)
     assert abs(l1.item() - l2.item()) <= 1e-6 * abs(l1.item())
-    assert_grads_close(g1, g2, 1e-5)
+    # rel 1e-6 against the model's largest gradient entry (the rule of the CPU test,
+    # tests/unit/test_execution.py): cancelling router-bias sums are judged by the size of
+    # their terms, not of their small sum.
+    scale = max(g.abs().max() for g in g1.values())
+    for name in g1:
+        assert (g1[name] - g2[name]).abs().max() <= 1e-6 * scale, name
 
 
 def test_bf16_step_is_finite_and_learns(megatron_single):
