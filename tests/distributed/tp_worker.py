@@ -47,5 +47,34 @@ def main(variant: str, out_dir: str) -> None:
     destroy()
 
 
+def checkpoint_logits(ckpt_dir: str, ids_path: str, out_path: str) -> None:
+    """Logits of a TP = world size training checkpoint computed the way training computes them:
+    each rank loads its own mp_rank file into its TP shard of the model, logits all-gathered
+    over the vocab. No merge of shards is involved: a reference for exports."""
+    from mesh_megatron.checkpoint.reader import open_checkpoint, shard_name
+
+    world = int(os.environ["WORLD_SIZE"])
+    ckpt = open_checkpoint(ckpt_dir)
+    assert ckpt.tp == world and ckpt.pp == 1, (ckpt.tp, ckpt.pp)
+    parallel = ParallelConfig(tensor_model_parallel_size=world)
+    initialize_distributed(parallel)
+    set_seed(1234)
+    from megatron.core import parallel_state
+
+    model = MeshGPTModel(ckpt.model, to_transformer_config(ckpt.model, parallel))
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    states = torch.load(os.path.join(ckpt.path, shard_name(tp_rank)), map_location="cpu", weights_only=False)
+    model.load_state_dict(states["module"], strict=True)
+    model.eval()
+    with torch.no_grad():
+        logits = gather_tensor(model(torch.load(ids_path)), dim=-1, group=parallel_state.get_tensor_model_parallel_group())
+    if torch.distributed.get_rank() == 0:
+        torch.save(logits, out_path)
+    destroy()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "checkpoint_logits":
+        checkpoint_logits(*sys.argv[2:5])
+    else:
+        main(sys.argv[1], sys.argv[2])

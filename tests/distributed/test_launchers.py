@@ -1,0 +1,108 @@
+"""The real launchers start the same 2-rank run as tests/launch.py: `deepspeed --num_gpus 2`,
+`torchrun --nproc_per_node 2`, and a two-node rehearsal on one machine (two torchrun agents,
+--nnodes 2, meeting through a c10d rendezvous on localhost). Same losses in every case."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from launch import ROOT, run_workers
+from test_training import step_losses
+
+pytestmark = pytest.mark.distributed
+SCRIPT = os.path.join(ROOT, "pretrain_mesh.py")
+BIN = os.path.dirname(sys.executable)
+ARGS = ["--ds_config", "examples/zero2.json", "--train-iters", "2", "--micro-batch-size", "4",
+        "--global-batch-size", "8", "--seq-length", "32", "--eval-interval", "0", "--log-interval", "1",
+        "--sample-tokens", "0"]
+
+
+def run_args(tmp_path, name):
+    return ARGS + ["--save", str(tmp_path / name), "--log-jsonl", str(tmp_path / f"{name}.jsonl")]
+
+
+def free_port() -> int:
+    # The launchers take a port number; a port freed here can be taken by another process
+    # before they bind it, so a launch that fails is retried once with a new port.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(commands: list[list[str]], timeout: float = 600) -> list[str]:
+    """Start the launcher processes together (outputs to files: no pipe to fill); all must succeed."""
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT)
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in commands]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+             for c, f in zip(commands, logs)]
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outputs = []
+    for f in logs:
+        f.seek(0)
+        outputs.append(f.read())
+    bad = [i for i, p in enumerate(procs) if p.returncode != 0]
+    if bad:
+        raise AssertionError("\n".join(f"--- launcher {i} (rc {procs[i].returncode}) ---\n{outputs[i][-3000:]}"
+                                       for i in bad))
+    return outputs
+
+
+def launch_with_retry(make_commands) -> list[str]:
+    try:
+        return launch(make_commands(free_port()))
+    except AssertionError as e:
+        if "address already in use" not in str(e).lower() and "EADDRINUSE" not in str(e):
+            raise
+        return launch(make_commands(free_port()))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The 2-rank run through tests/launch.py."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run_workers(SCRIPT, 2, run_args(tmp, "ref"))
+    losses = step_losses(tmp / "ref.jsonl")
+    assert len(losses) == 2
+    return losses
+
+
+def assert_same(reference, tmp_path, name):
+    losses = step_losses(tmp_path / f"{name}.jsonl")
+    assert len(losses) == 2
+    assert max(abs(a - b) for a, b in zip(reference, losses)) <= 1e-6, (reference, losses)
+
+
+def test_deepspeed_launcher_two_ranks(reference, tmp_path):
+    out = launch_with_retry(lambda port: [[os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port",
+                                           str(port), SCRIPT, *run_args(tmp_path, "ds")]])
+    assert "data-parallel 2" in out[0]
+    assert_same(reference, tmp_path, "ds")
+
+
+def test_torchrun_two_ranks(reference, tmp_path):
+    launch([[os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", SCRIPT,
+             *run_args(tmp_path, "torchrun")]])
+    assert_same(reference, tmp_path, "torchrun")
+
+
+def test_two_node_rehearsal_on_one_machine(reference, tmp_path):
+    """Two torchrun agents, one process each, as two nodes would start them."""
+    def agents(port):
+        return [[os.path.join(BIN, "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rehearsal",
+                 SCRIPT, *run_args(tmp_path, "two_nodes")] for node in (0, 1)]
+
+    launch_with_retry(agents)
+    assert_same(reference, tmp_path, "two_nodes")
