@@ -64,4 +64,4 @@ def test_bf16_pp2_close_to_pp1(tmp_path):
     # 0.01 bounds five steps of it; a real error (a stage's gradient lost or doubled) moves
     # the loss by its whole step change.
     assert max(abs(a - b) for a, b in zip(one, two)) <= 0.01, (one, two)
-    assert two[-1] < two[0] - 0.5  # and it trains
+    assert two[-1] < two[0] - 0.1  # and it trains (lr 1e-3 with warm-up: ~0.2 in 5 steps)
