@@ -104,18 +104,29 @@ def _hf_model_of_training_checkpoint(load_dir: str, iteration: Optional[int]) ->
 def load_model(path: str, iteration: Optional[int] = None) -> ProbedModel:
     """A training checkpoint directory (holds `latest`) or a Hugging Face directory
     (holds config.json), as an fp32 Hugging Face model on the CPU."""
+    from mesh_megatron.checkpoint.manager import LATEST
+
     if not os.path.isdir(path):
         raise ConfigError(f"--load {path}: no such directory; pass a checkpoint directory (pretrain_mesh.py "
                           "--save) or a Hugging Face directory (tools/convert_to_hf.py --out)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        if not os.path.exists(os.path.join(path, LATEST)):
+            raise ConfigError(f"--load {path} holds neither a training checkpoint ('{LATEST}' + iter_*/) nor a "
+                              "Hugging Face model (config.json): pass the --save directory of a run that saved, "
+                              "or a tools/convert_to_hf.py --out directory")
         return _hf_model_of_training_checkpoint(path, iteration)
     if iteration is not None:
         raise ConfigError(f"--iteration applies to training checkpoints; {path} is a Hugging Face directory")
     from transformers import AutoModelForCausalLM
 
-    from mesh_megatron.checkpoint.hf_import import find_tokenizer, read_hf_config
+    from mesh_megatron.checkpoint.hf_import import find_tokenizer
 
-    config = read_hf_config(path)  # refuses other architectures, in one line
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("model_type") not in ("gpt_neox", "mesh_gpt_neox"):
+        raise ConfigError(f"--load {path} is a {config.get('model_type')!r} model: the probe reads GPT-NeoX / "
+                          "Pythia models and this project's exports (mesh_gpt_neox)")
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
     return ProbedModel(model.eval(), path, int(config.get("max_position_embeddings") or 2048),
                        int(config["vocab_size"]), find_tokenizer(path), None)

@@ -25,15 +25,17 @@ def test_tp2_probe_equals_tp1_probe_of_the_same_weights(megatron_single, tmp_pat
     tag = tp2 / "iter_0000002"
     assert (tag / "mp_rank_00_model_states.pt").exists() and (tag / "mp_rank_01_model_states.pt").exists()
 
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", os.path.join(ROOT, "tools/convert_checkpoint.py"))
-    convert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert)
+    def tool(name):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    convert = tool("convert_checkpoint")
     tp1 = tmp_path / "tp1"
     assert convert.main(["--load", str(tp2), "--save", str(tp1), "--tensor-model-parallel-size", "1"]) == 0
 
-    spec = importlib.util.spec_from_file_location("probe_mesh", os.path.join(ROOT, "tools/probe_mesh.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = tool("probe_mesh")
     out = tmp_path / "probe"
     assert cli.main(["--load", str(tp2), "--out", str(out), "--samples", "4", "--batch-size", "4"]) == 0
     sharded = json.loads((out / "probe.json").read_text())
