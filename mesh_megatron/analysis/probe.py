@@ -274,7 +274,7 @@ def run_probe(load: str, settings: Optional[ProbeSettings] = None) -> dict[str, 
         acc.add(reader(tokens[lo:lo + settings.batch_size].to(device)))
     result = acc.result()
     cfg = model.config
-    result["model"] = {"source": os.path.abspath(probed.source), "iteration": probed.iteration,
+    result["model"] = {"source": probed.source, "iteration": probed.iteration,
                        "variant": reader.variant, "layout": reader.layout, "hidden_size": cfg.hidden_size,
                        "mesh_slots": reader.slots or None}
     result["data"] = {"source": data, "samples": int(tokens.shape[0]), "seq_length": seq_length,
