@@ -219,7 +219,7 @@ class _Accumulator:
         self.router_tokens = 0
 
     def add(self, capture) -> None:
-        states = [s.float() for s in capture.states]  # [b, s, h] each
+        states = [x.float() for x in capture.states]  # [b, s, h] each
         b, s = states[0].shape[:2]
         chunk = max(1, _KERNEL_ENTRIES // (s * s))
         for lo in range(0, b, chunk):
