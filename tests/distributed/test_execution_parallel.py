@@ -9,7 +9,7 @@ from launch import ROOT, run_workers
 from test_training import step_losses
 
 pytestmark = pytest.mark.distributed
-WORKER = os.path.join(os.path.dirname(__file__), "execution_worker.py")
+WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
 SCRIPT = os.path.join(ROOT, "pretrain_mesh.py")
 # 4 micro-batches per step (global 8 = micro 2 x grad-accum 4), dropout on so recompute must
 # replay the same masks.
@@ -25,9 +25,10 @@ def train(tmp_path, name, nprocs, extra):
 
 
 def test_sdpa_equals_local_with_tp2(tmp_path):
+    run_workers(WORKER, 1, ["mesh", str(tmp_path)])  # the full weights both TP=2 runs split
     for backend in ("local", "sdpa"):
-        run_workers(WORKER, 2, ["mesh", backend, str(tmp_path)])
-    ref, got = (torch.load(tmp_path / f"mesh_{b}_tp2.pt") for b in ("local", "sdpa"))
+        run_workers(WORKER, 2, ["mesh", str(tmp_path), backend])
+    ref, got = (torch.load(tmp_path / f"result_mesh_{b}_tp2.pt") for b in ("local", "sdpa"))
     assert (got["logits"] - ref["logits"]).abs().max() <= 1e-5
     assert abs(got["loss"] - ref["loss"]) <= 1e-5
     assert got["grads"].keys() == ref["grads"].keys()

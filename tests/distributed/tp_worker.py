@@ -10,12 +10,14 @@ import sys
 import torch
 
 from mesh_megatron.checkpoint.tensor_parallel import gather_state, gather_tensor, shard_state_dict
-from mesh_megatron.config import ParallelConfig, preset, to_transformer_config, validate
+from mesh_megatron.config import ExecutionConfig, ParallelConfig, preset, to_transformer_config, validate
 from mesh_megatron.model import MeshGPTModel
 from mesh_megatron.parallel.initialize import destroy, initialize_distributed, set_seed
 
 
-def main(variant: str, out_dir: str) -> None:
+def main(variant: str, out_dir: str, backend: str = "auto") -> None:
+    """`backend`: the attention backend; results of a non-default backend are saved as
+    result_{variant}_{backend}_tp{world}.pt (the full weights stay those of world 1)."""
     world = int(os.environ["WORLD_SIZE"])
     parallel = ParallelConfig(tensor_model_parallel_size=world)
     cfg = preset("tiny", variant, seq_length=32)
@@ -24,7 +26,8 @@ def main(variant: str, out_dir: str) -> None:
     set_seed(1234)
     from megatron.core import parallel_state
 
-    model = MeshGPTModel(cfg, to_transformer_config(cfg, parallel))
+    model = MeshGPTModel(cfg, to_transformer_config(cfg, parallel),
+                         execution=ExecutionConfig(attention_backend=backend))
     full_path = os.path.join(out_dir, f"full_{variant}.pt")
     if world == 1:
         torch.save(model.state_dict(), full_path)
@@ -43,7 +46,7 @@ def main(variant: str, out_dir: str) -> None:
     grads = gather_state({n: p.grad for n, p in model.named_parameters()}, model, tp_group)
     if torch.distributed.get_rank() == 0:
         torch.save({"logits": logits, "loss": loss.detach(), "grads": grads},
-                   os.path.join(out_dir, f"result_{variant}_tp{world}.pt"))
+                   os.path.join(out_dir, f"result_{variant}{'' if backend == 'auto' else '_' + backend}_tp{world}.pt"))
     destroy()
 
 
@@ -77,4 +80,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "checkpoint_logits":
         checkpoint_logits(*sys.argv[2:5])
     else:
-        main(sys.argv[1], sys.argv[2])
+        main(*sys.argv[1:4])
