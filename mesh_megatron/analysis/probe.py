@@ -71,6 +71,7 @@ class ProbedModel:
 def _hf_model_of_training_checkpoint(load_dir: str, iteration: Optional[int]) -> ProbedModel:
     """The exporter's conversion (checkpoint/hf_export.py), kept in memory: merged TP/PP
     shards -> GPT-NeoX names -> the Hugging Face model, weights taken as they are."""
+    from mesh_megatron.checkpoint.hf_export import build_hf_model
     from mesh_megatron.checkpoint.key_map import fold_embedding_multiplier, hf_config, training_to_hf
     from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state
 
@@ -78,21 +79,10 @@ def _hf_model_of_training_checkpoint(load_dir: str, iteration: Optional[int]) ->
     state = training_to_hf(read_model_state(ckpt, dtype=torch.float32), ckpt.model)
     vanilla = ckpt.model.variant == "vanilla"
     if vanilla:
-        from transformers import GPTNeoXForCausalLM as model_class
-
         state = fold_embedding_multiplier(state, ckpt.model.embedding_multiplier)
-        state["lm_head.weight"] = state.pop("embed_out.weight")
-    else:
-        from mesh_megatron.hf import MeshGPTNeoXForCausalLM as model_class
     rows = state["gpt_neox.embed_in.weight"].shape[0]
     config = hf_config(ckpt.model, rows, dtype=torch.float32)
-    with torch.device("meta"):  # no random init: every weight comes from the checkpoint
-        model = model_class(config)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not k.endswith("inv_freq")]
-    if missing or result.unexpected_keys:
-        raise ConfigError(f"{ckpt.path}: weights do not fit {model_class.__name__} (missing {missing[:3]}, "
-                          f"unexpected {result.unexpected_keys[:3]})")
+    model = build_hf_model(ckpt.model, state, config, ckpt.path)  # no random init: all from the checkpoint
     if vanilla:  # transformers' rotary tables are buffers, still on the meta device
         rotary = model.gpt_neox.rotary_emb
         model.gpt_neox.rotary_emb = type(rotary)(config=config)

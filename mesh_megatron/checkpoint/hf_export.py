@@ -56,18 +56,11 @@ def _progress(enabled: bool, desc: str, unit: str):
     return wrap
 
 
-def save_hf_model(config: ModelConfig, hf_state: dict[str, Tensor], out_dir: str, *,
-                  bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None,
-                  pad_token_id: Optional[int] = None) -> str:
-    """Write `hf_state` (HF names, multiplier already folded for vanilla) with its config via
-    save_pretrained. The model is built on the meta device and takes the tensors as they
-    are (assign=True): no second copy of the weights, no random init. Returns model_type."""
-    from transformers import GenerationConfig
-
-    rows = hf_state["gpt_neox.embed_in.weight"].shape[0]
-    dtype = hf_state["gpt_neox.embed_in.weight"].dtype
-    hf_cfg = hf_config(config, rows, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                       pad_token_id=pad_token_id, dtype=dtype)
+def build_hf_model(config: ModelConfig, hf_state: dict, hf_cfg, where: str):
+    """The HF model (GPTNeoXForCausalLM for vanilla, MeSH's class otherwise) holding
+    `hf_state` (HF names; vanilla's multiplier already folded). Built on the meta device
+    and assigned the tensors as they are: no second copy of the weights, no random init.
+    `where` names the source in the error when the weights do not fit."""
     if config.variant == "vanilla":
         from transformers import GPTNeoXForCausalLM as model_class
 
@@ -83,8 +76,24 @@ def save_hf_model(config: ModelConfig, hf_state: dict[str, Tensor], out_dir: str
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not k.endswith("inv_freq")]
     if missing or result.unexpected_keys:
-        raise ConfigError(f"export: weights do not fit {model_class.__name__} (missing {missing[:3]}, "
+        raise ConfigError(f"{where}: weights do not fit {model_class.__name__} (missing {missing[:3]}, "
                           f"unexpected {result.unexpected_keys[:3]})")
+    return model
+
+
+def save_hf_model(config: ModelConfig, hf_state: dict[str, Tensor], out_dir: str, *,
+                  bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None,
+                  pad_token_id: Optional[int] = None) -> str:
+    """Write `hf_state` (HF names, multiplier already folded for vanilla) with its config via
+    save_pretrained. The model is built on the meta device and takes the tensors as they
+    are (assign=True): no second copy of the weights, no random init. Returns model_type."""
+    from transformers import GenerationConfig
+
+    rows = hf_state["gpt_neox.embed_in.weight"].shape[0]
+    dtype = hf_state["gpt_neox.embed_in.weight"].dtype
+    hf_cfg = hf_config(config, rows, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                       pad_token_id=pad_token_id, dtype=dtype)
+    model = build_hf_model(config, hf_state, hf_cfg, "export")
     model.generation_config = GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                                                pad_token_id=pad_token_id)
     model.save_pretrained(out_dir)
