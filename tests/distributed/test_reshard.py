@@ -61,6 +61,14 @@ def test_tp2_resharded_to_tp1_continues_the_run(megatron_single, tmp_path):
                                                                 str(tmp_path / "weights_ckpt")])
     assert max(abs(a - b) for a, b in zip(straight[5:], fresh)) > 1e-3
 
+    # A checkpoint without ZeRO optimizer shards (that weights-only one; likewise ZeRO-0 runs
+    # and imports) is refused with one line pointing at --weights-only, nothing written.
+    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", str(tmp_path / "weights_ckpt"),
+                           "--save", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "--weights-only" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
 
 def test_zero2_two_ranks_resharded_to_one_rank(tmp_path):
     zero2 = ["--ds_config", "examples/zero2.json"]
@@ -68,16 +76,3 @@ def test_zero2_two_ranks_resharded_to_one_rank(tmp_path):
     convert(save, tmp_path / "dp1_ckpt")
     resumed = continue_from(tmp_path, "dp1", tmp_path / "dp1_ckpt", 1, zero2)
     assert max(abs(a - b) for a, b in zip(straight[5:], resumed)) <= 1e-5, (straight[5:], resumed)
-
-
-def test_reshard_refuses_a_checkpoint_without_optimizer_shards(tmp_path):
-    """ZeRO-0 keeps Adam inside the model-states file: one line pointing at --weights-only,
-    nothing written."""
-    zero0 = ["--ds_config", "examples/zero0.json", "--train-iters", "5", "--micro-batch-size", "4",
-             "--global-batch-size", "8"]
-    _, save, _ = train(tmp_path, "zero0", 1, zero0)
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", str(save), "--save",
-                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "--weights-only" in proc.stderr
-    assert not (tmp_path / "out").exists()
