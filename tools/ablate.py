@@ -203,18 +203,28 @@ def summarize(args, runs: list[dict], steps: dict[int, int], tokens_per_step: in
     diffs = [v for v in ("mesh", "anchor") if v in args.variants and "base" in args.variants]
     lines.append("|" + "---|" * (1 + len(args.variants) + len(diffs)))
     crossover = None
+    mesh_diff: dict[int, tuple[float, float]] = {}  # tokens -> (mean, sd) of mesh - base
     for budget, n in steps.items():
         cells = [_fmt(*_mean_sd([loss[(v, s, budget)] for s in seeds])) for v in args.variants]
         for v in diffs:
             d = [loss[(v, s, budget)] - loss[("base", s, budget)] for s in seeds]
             m, sd = _mean_sd(d)
             cells.append(f"{m:+.4f} ± {sd:.4f}" if not math.isnan(sd) else f"{m:+.4f}")
-            if v == "mesh" and crossover is None and m < 0:
-                crossover = n * tokens_per_step
+            if v == "mesh":
+                mesh_diff[n * tokens_per_step] = (m, sd)
+                if crossover is None and m < 0:
+                    crossover = n * tokens_per_step
         lines.append(f"| {n * tokens_per_step:,} | " + " | ".join(cells) + " |")
     if "mesh" in args.variants and "base" in args.variants:
         statement = (f"mesh first beats base (mean over seeds) at {crossover:,} training tokens."
                      if crossover is not None else "mesh does not beat base: not within the budgets run.")
+        later = [t for t in mesh_diff if crossover is not None and t > crossover and mesh_diff[t][0] >= 0]
+        if later:
+            statement += f" It does not stay ahead: base is lower again at {', '.join(f'{t:,}' for t in later)}."
+        within = [t for t, (m, sd) in mesh_diff.items() if not math.isnan(sd) and abs(m) <= sd]
+        if within:
+            statement += (" |mesh - base| is within one sd of the seeds at "
+                          + ", ".join(f"{t:,}" for t in within) + " tokens.")
     else:
         statement = "mesh vs base: not compared (both variants are needed)."
     order = {}
@@ -254,7 +264,11 @@ def plot(args, runs: list[dict], tokens_per_step: int, steps: dict[int, int], pa
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss")
-    ax.set_title(f"{args.preset} {args.layout or ''} hidden {args.hidden_size or ''}: mean over seeds (band: min-max)")
+    from mesh_megatron.config import preset
+
+    shape = preset(args.preset, "base", args.layout)
+    ax.set_title(f"{args.preset} {shape.layout} hidden {args.hidden_size or shape.hidden_size}: "
+                 "mean over seeds (band: min-max)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=120)
