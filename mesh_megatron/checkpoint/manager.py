@@ -230,10 +230,11 @@ def check_parallel_layout(load_dir: str, tag: str, parallel: ParallelConfig) -> 
         split = f" --pipeline-split {','.join(map(str, ours[2]))}" if ours[2] else ""
         raise ConfigError(
             f"--load {load_dir}/{tag} was saved with TP={theirs[0]} PP={theirs[1]} split={theirs[2]} but "
-            f"this run uses TP={ours[0]} PP={ours[1]} split={ours[2]}: run with the saved sizes, or convert "
-            f"the weights first with `python tools/convert_checkpoint.py --load {load_dir} --save NEW_DIR "
+            f"this run uses TP={ours[0]} PP={ours[1]} split={ours[2]}: run with the saved sizes, or reshard "
+            f"first with `python tools/convert_checkpoint.py --load {load_dir} --save NEW_DIR "
             f"--tensor-model-parallel-size {ours[0]} --pipeline-model-parallel-size {ours[1]}{split}` "
-            "(weights only: optimizer, LR schedule and data position restart) and --load NEW_DIR")
+            "(optimizer, LR schedule and data position carried over; --weights-only for weights alone) "
+            "and --load NEW_DIR")
 
 
 def _torn_save(original, iteration: int):
