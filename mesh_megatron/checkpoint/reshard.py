@@ -167,6 +167,21 @@ def _target_names(config, parallel: ParallelConfig) -> dict[str, str]:
     return out
 
 
+def _resharded_recipe(recipe: Optional[dict], parallel: ParallelConfig, save_dir: str) -> Optional[dict]:
+    """The source's recorded recipe with the new layout, saving here: `--load NEW_DIR` alone
+    then continues the run on the resharded layout instead of asking for the old one."""
+    if not recipe:
+        return recipe
+    split = parallel.pipeline_split
+    return dict(recipe,
+                parallel=dict(recipe.get("parallel", {}),
+                              tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+                              pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+                              virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+                              pipeline_split=",".join(map(str, split)) if split else None),
+                checkpoints=dict(recipe.get("checkpoints", {}), save=os.path.abspath(save_dir)))
+
+
 def write_universal_checkpoint(ckpt: TrainingCheckpoint, save_dir: str, parallel: ParallelConfig,
                                tokenizer: Optional[tuple[str, str]] = None) -> str:
     """Write `ckpt` with its optimizer for `parallel` (TP, PP, split, VP); any data-parallel
@@ -217,6 +232,7 @@ def write_universal_checkpoint(ckpt: TrainingCheckpoint, save_dir: str, parallel
     # The same run continues (its run id), so the manager's lineage and manifest rules hold:
     # the manifest first, mesh_config.json (the commit record) after it, `latest` last.
     meta = dict(ckpt.meta, parallel=dataclasses.asdict(parallel), **{UNIVERSAL: True},
+                recipe=_resharded_recipe(ckpt.meta.get("recipe"), parallel, save_dir),
                 source={"resharded_from": os.path.abspath(ckpt.load_dir), "iteration": ckpt.iteration,
                         "parallel": ckpt.meta.get("parallel")})
     if "run_id" in meta:

@@ -164,6 +164,20 @@ def _fit_vocab(model: ModelConfig, tokenizer, config_path: Optional[str], parall
     return model
 
 
+def _check_recorded_layout_fits(args, parallel: ParallelConfig, world: int) -> None:
+    """TP/PP taken from --load's recorded recipe that this launch cannot hold: say where the
+    sizes came from and the two ways on (more processes, or a resharded checkpoint)."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    recorded = getattr(args, "from_recorded", set())
+    if not ({"tensor_model_parallel_size", "pipeline_model_parallel_size"} & recorded) or world % (tp * pp) == 0:
+        return
+    raise ConfigError(
+        f"--load {args.load} was saved with TP={tp} PP={pp} (its recorded recipe), which world size {world} "
+        f"cannot hold: launch a multiple of {tp * pp} processes, or reshard first with `python "
+        f"tools/convert_checkpoint.py --load {args.load} --save NEW_DIR --tensor-model-parallel-size N "
+        "--pipeline-model-parallel-size M` and --load NEW_DIR with those sizes")
+
+
 def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
     """Flags -> RunConfig, every cheap check done. Raises ConfigError with one clear line."""
     from mesh_megatron.parallel.deepspeed_config import finalize_ds_config, load_ds_config, resolve_batch
@@ -175,6 +189,7 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
 
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                               parse_split(args.pipeline_split), args.virtual_pipeline_model_parallel_size)
+    _check_recorded_layout_fits(args, parallel, world)
     if parallel.virtual_pipeline_model_parallel_size and parallel.pipeline_model_parallel_size < 2:
         raise ConfigError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size >= 2")
     if parallel.tensor_model_parallel_size > world:

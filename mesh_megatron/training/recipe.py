@@ -187,8 +187,9 @@ def recorded_recipe(load_dir: str) -> Optional[dict[str, dict[str, Any]]]:
 
 def resolve_args(build_parser: Callable[[], argparse.ArgumentParser], argv=None) -> argparse.Namespace:
     """Parse argv over the recorded and file recipes. The namespace gains `model_fields`
-    (ModelConfig fields without a flag, e.g. hidden_size) and `model_full` (True when the
-    model section is a complete ModelConfig rather than a preset plus overrides)."""
+    (ModelConfig fields without a flag, e.g. hidden_size), `model_full` (True when the
+    model section is a complete ModelConfig rather than a preset plus overrides) and
+    `from_recorded` (the flag dests whose value came from --load's recorded recipe)."""
     parser = build_parser()
     explicit = _explicit(build_parser, argv)
     flags: dict[str, Any] = {}
@@ -204,8 +205,12 @@ def resolve_args(build_parser: Callable[[], argparse.ArgumentParser], argv=None)
             fields = {}  # the file names its own model: nothing of the recorded one carries over
         flags.update(file_flags)
         fields.update(file_fields)
+    recorded_flags = set(flags)
+    if explicit.get("config"):
+        recorded_flags -= set(file_flags)
     parser.set_defaults(**flags)
     args = parser.parse_args(argv)
+    args.from_recorded = recorded_flags - set(explicit)  # dests --load's recipe decided
     args.model_fields = fields
     args.model_full = "preset" not in flags and "preset" not in explicit and "hidden_size" in fields
     return args
