@@ -8,6 +8,11 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# The venv's bin first, as under `make train` and the launchers: DeepSpeed JIT-builds its CPU
+# comm op with the first `ninja` on PATH, and the venv's (pip) ninja and a system ninja keep
+# incompatible build logs, so a suite that alternated between them rebuilt the op (~50 s)
+# at every switch.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
 @pytest.fixture(scope="session")

@@ -7,15 +7,13 @@ One uninterrupted 1-rank reference run (4 steps, saves at 2 and 4) is shared by 
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from torch.distributed import TCPStore
 
-from launch import ROOT
+from launch import ROOT, run_script, start_script
 from mesh_megatron.checkpoint.manager import IN_PROGRESS, tag_owner, tag_problem
 
 pytestmark = pytest.mark.distributed
@@ -33,17 +31,15 @@ def launch(tmp, name, nprocs, args, fault=None):
     log = tmp / f"{name}.jsonl"
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     env = dict(os.environ, WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True", OMP_NUM_THREADS="1",
-               PYTHONPATH=ROOT)
+               MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True", OMP_NUM_THREADS="1")
     env.pop("MESH_MEGATRON_FAULT", None)
     if fault:
         env["MESH_MEGATRON_FAULT"] = fault
     procs, files = [], []
     for rank in range(nprocs):
         files.append(open(tmp / f"{name}.rank{rank}.out", "w+"))
-        procs.append(subprocess.Popen([sys.executable, SCRIPT, *COMMON, "--log-jsonl", str(log), *args],
-                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), cwd=ROOT,
-                                      stdout=files[-1], stderr=subprocess.STDOUT))
+        procs.append(start_script(SCRIPT, [*COMMON, "--log-jsonl", str(log), *args],
+                                  dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), files[-1]))
     try:
         rcs = [p.wait(timeout=600) for p in procs]
     finally:
@@ -161,8 +157,7 @@ def test_corrupt_file_is_one_line_naming_the_previous_checkpoint(reference, tmp_
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     before = listing(save)
-    proc = subprocess.run([sys.executable, SCRIPT, *COMMON, "--train-iters", "6", "--load", str(save),
-                           "--save", str(save)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_script(SCRIPT, [*COMMON, "--train-iters", "6", "--load", str(save), "--save", str(save)])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: --load {save}: checkpoint iter_0000004 is damaged (zero_pp_rank_0_mp_rank_00_"
@@ -180,8 +175,7 @@ def test_reused_save_dir_is_refused_and_keeps_the_first_run(reference, tmp_path)
     shutil.copytree(ref_save, save)
     before = listing(save)
     for _ in range(2):
-        proc = subprocess.run([sys.executable, SCRIPT, *COMMON, "--variant", "base", "--train-iters", "1",
-                               "--save", str(save)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        proc = run_script(SCRIPT, [*COMMON, "--variant", "base", "--train-iters", "1", "--save", str(save)])
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
             f"error: --save {save} already holds checkpoints (latest iter_0000004) of another run: resume it "

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from launch import ROOT, run_workers
+from launch import ROOT, run_script, run_workers
 from test_training import step_losses
 
 pytestmark = pytest.mark.distributed
@@ -20,6 +20,11 @@ def run(tmp_path, name, nprocs, extra):
     save = tmp_path / name
     out = run_workers(SCRIPT, nprocs, COMMON + extra + ["--save", str(save), "--log-jsonl", str(tmp_path / f"{name}.jsonl")])
     return step_losses(tmp_path / f"{name}.jsonl"), save, out
+
+
+def convert(src, dst, *flags):
+    proc = run_script(os.path.join(ROOT, "tools", "convert_checkpoint.py"), ["--load", str(src), "--save", str(dst), *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def merged_params(save_dir, tp: int, pp: int, variant: str = "mesh", layout=None) -> dict[str, torch.Tensor]:
@@ -88,9 +93,6 @@ def test_tp2_pp2_equals_single_process(tmp_path):
 def test_save_pp2_load_pp1_refused_then_converted(tmp_path):
     """A PP=2 checkpoint under PP=1: refused with the conversion to run; converted, it loads
     and holds exactly the PP=2 run's weights."""
-    import subprocess
-    import sys
-
     from mesh_megatron.config import ConfigError
     from mesh_megatron.training import arguments
 
@@ -106,8 +108,7 @@ def test_save_pp2_load_pp1_refused_then_converted(tmp_path):
         arguments.parse(["--ds_config", "examples/zero1.json", "--seq-length", "32", "--load", str(save2),
                          "--pipeline-model-parallel-size", "1"], world_size=1)
     converted = tmp_path / "pp1"
-    subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", str(save2), "--save", str(converted),
-                    "--pipeline-model-parallel-size", "1", "--weights-only"], cwd=ROOT, check=True, capture_output=True)
+    convert(save2, converted, "--pipeline-model-parallel-size", "1", "--weights-only")
     before, after = merged_params(save2, 1, 2), merged_params(converted, 1, 1)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     out = run_workers(SCRIPT, 1, COMMON + ["--variant", "mesh", "--train-iters", "1", "--load", str(converted),
@@ -115,8 +116,7 @@ def test_save_pp2_load_pp1_refused_then_converted(tmp_path):
     assert "weights only" in out[0]
     # ...and back: PP=1 weights into a PP=2 layout.
     back = tmp_path / "back"
-    subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", str(converted), "--save", str(back),
-                    "--pipeline-model-parallel-size", "2", "--weights-only"], cwd=ROOT, check=True, capture_output=True)
+    convert(converted, back, "--pipeline-model-parallel-size", "2", "--weights-only")
     again = merged_params(back, 1, 2)
     assert all(torch.equal(before[k], again[k]) for k in before)
     run_workers(SCRIPT, 2, COMMON + ["--variant", "mesh", "--train-iters", "1", "--pipeline-model-parallel-size", "2",

@@ -2,16 +2,15 @@
 (fewer TP ranks, fewer data-parallel ranks) with the losses of the run that never stopped."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from launch import ROOT
+from launch import ROOT, run_script
 from test_training import train
 
 pytestmark = pytest.mark.distributed
+CONVERT = os.path.join(ROOT, "tools", "convert_checkpoint.py")
 # 10 steps, a checkpoint at 5; lr warmup ends at step 2, then cosine: the LR schedule position
 # matters, and Adam's moments after 5 steps are far from a fresh start.
 COMMON = ["--train-iters", "10", "--save-interval", "5", "--keep-last", "2", "--micro-batch-size", "4",
@@ -19,8 +18,7 @@ COMMON = ["--train-iters", "10", "--save-interval", "5", "--keep-last", "2", "--
 
 
 def convert(src, dst, *flags):
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", str(src), "--save", str(dst),
-                           "--iteration", "5", *flags], cwd=ROOT, capture_output=True, text=True)
+    proc = run_script(CONVERT, ["--load", str(src), "--save", str(dst), "--iteration", "5", *flags])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -63,8 +61,7 @@ def test_tp2_resharded_to_tp1_continues_the_run(megatron_single, tmp_path):
 
     # A checkpoint without ZeRO optimizer shards (that weights-only one; likewise ZeRO-0 runs
     # and imports) is refused with one line pointing at --weights-only, nothing written.
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", str(tmp_path / "weights_ckpt"),
-                           "--save", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    proc = run_script(CONVERT, ["--load", str(tmp_path / "weights_ckpt"), "--save", str(tmp_path / "out")])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "--weights-only" in proc.stderr
     assert not (tmp_path / "out").exists()

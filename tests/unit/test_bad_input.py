@@ -2,12 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from launch import run_script
 from mesh_megatron.config import ConfigError
 from mesh_megatron.training import arguments
 from mesh_megatron.training import trainer as _trainer  # noqa: F401  (import-time warnings now, not in a test's stderr)
@@ -167,12 +166,12 @@ def test_unknown_preset_or_variant(capsys, argv, message):
 def test_nan_loss_stops_with_a_message_or_skips(tmp_path):
     """A real non-finite loss (weights initialised with std 1e30), through the whole script."""
     cfg = write(tmp_path / "huge.yaml", "preset: tiny\nvariant: mesh\ninit_std: 1.0e+30\n")
-    base = [sys.executable, "pretrain_mesh.py", "--ds_config", "examples/zero0.json", "--config", cfg,
+    base = ["--ds_config", "examples/zero0.json", "--config", cfg,
             "--train-iters", "2", "--eval-interval", "0", "--sample-tokens", "0", "--seq-length", "32"]
-    stop = subprocess.run(base + ["--save", str(tmp_path / "ck")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    stop = run_script("pretrain_mesh.py", base + ["--save", str(tmp_path / "ck")], timeout=300)
     assert stop.returncode == 2
     assert "error: loss is nan at iteration 1: stopping" in stop.stderr
     assert not (tmp_path / "ck").exists()
-    skip = subprocess.run(base + ["--nan-policy", "skip", "--save", str(tmp_path / "ck2")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    skip = run_script("pretrain_mesh.py", base + ["--nan-policy", "skip", "--save", str(tmp_path / "ck2")], timeout=300)
     assert skip.returncode == 0, skip.stderr[-2000:]
     assert "micro-batch skipped (--nan-policy skip)" in skip.stdout

@@ -1,12 +1,11 @@
 """Presets, exact parameter counts (meta device) and the validation messages."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from launch import run_script
 from mesh_megatron.config import (ConfigError, Layout, ModelConfig, ParallelConfig, preset,
                                   to_transformer_config, validate)
 from mesh_megatron.model import MeshGPTModel
@@ -82,8 +81,8 @@ def test_flops_count_every_iteration():
 
 
 def test_summary_tool_json():
-    out = subprocess.run([sys.executable, "tools/model_summary.py", "--preset", "pythia-1.4b",
-                          "--variant", "mesh", "--json"], capture_output=True, text=True, check=True)
+    out = run_script("tools/model_summary.py", ["--preset", "pythia-1.4b", "--variant", "mesh", "--json"])
+    assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)
     assert summary["non_embedding"] == 805_797_918 and summary["router"] == 61_470
     assert summary["compute_depth"] == 24 and summary["unique_depth"] == 16

@@ -3,12 +3,9 @@ model is loaded) when its data is not available offline."""
 
 import json
 import os
-import subprocess
-import sys
 
+from launch import run_script
 from mesh_megatron.checkpoint import hf_eval
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_paper_suite_is_the_nine_tasks_of_the_paper():
@@ -28,9 +25,8 @@ def test_missing_data_is_one_clear_line(tmp_path):
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))  # never loaded
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_DATASETS_CACHE=str(tmp_path / "hf_home" / "ds"))
-    proc = subprocess.run([sys.executable, "tools/eval_lm.py", "--model-dir", str(model_dir), "--suite", "paper",
-                           "--offline", "--output", str(tmp_path / "r.json")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script("tools/eval_lm.py", ["--model-dir", str(model_dir), "--suite", "paper", "--offline",
+                                           "--output", str(tmp_path / "r.json")], env=env, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]

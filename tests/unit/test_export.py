@@ -9,13 +9,12 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from launch import run_script
 from mesh_megatron.checkpoint.hf_export import export_to_hf
 from mesh_megatron.checkpoint.hf_import import import_from_hf, layer_sources
 from mesh_megatron.checkpoint.key_map import from_hf_name, to_hf_name
@@ -358,11 +357,10 @@ def test_lm_eval_runs_a_local_task_offline(megatron_single, tmp_path):
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
                HF_DATASETS_CACHE=str(tmp_path / "datasets"))
     env.pop("LOCAL_RANK", None)  # set by the in-process megatron fixture; accelerate would read it as a launch
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools/eval_lm.py"), "--model-dir", str(tmp_path / "hf"),
-         "--tasks", "tiny_choice", "--include-path", str(tasks), "--num-fewshot", "0", "--batch-size", "2",
-         "--limit", "3", "--output", str(out)],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = run_script(os.path.join(ROOT, "tools/eval_lm.py"),
+                      ["--model-dir", str(tmp_path / "hf"), "--tasks", "tiny_choice", "--include-path", str(tasks),
+                       "--num-fewshot", "0", "--batch-size", "2", "--limit", "3", "--output", str(out)],
+                      env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())["lm_eval"]["results"]["tiny_choice"]
     assert 0.0 <= result["acc,none"] <= 1.0 and result["sample_len"] == 3
@@ -416,9 +414,8 @@ def test_bad_inputs_each_give_one_clear_error(megatron_single, tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools/convert_from_hf.py"), "--hf",
-                           str(tmp_path / "nope"), "--save", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = run_script(os.path.join(ROOT, "tools/convert_from_hf.py"),
+                      ["--hf", str(tmp_path / "nope"), "--save", str(tmp_path / "out")])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: --hf {tmp_path / 'nope'}: no such directory; " \
                                                    "pass a Hugging Face model directory"
