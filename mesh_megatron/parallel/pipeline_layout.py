@@ -157,9 +157,10 @@ def build_layout(model: ModelConfig, stages: int, split: Optional[list[int]] = N
         raise ConfigError("--pipeline-model-parallel-size must be >= 1")
     if stages > len(ps):
         raise ConfigError(
-            f"--pipeline-model-parallel-size {stages} is more than the {len(ps)} pieces of layout "
+            f"{stages} pipeline model chunks (--pipeline-model-parallel-size x "
+            f"--virtual-pipeline-model-parallel-size) are more than the {len(ps)} pieces of layout "
             f"{model.parsed_layout} (each prelude/coda layer is one piece, the looped core is one): "
-            "use fewer stages")
+            "use fewer stages or chunks, or a layout with more prelude/coda layers")
     if split is None:
         weights = [float(p.layers) for p in ps]
         weights[-1] += output_layer_cost(model)

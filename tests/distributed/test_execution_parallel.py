@@ -50,10 +50,15 @@ def test_recompute_loop_equals_none_in_training(tmp_path, parallel):
         assert abs(a - b) <= 1e-6 * abs(a), (none, loop)
 
 
-def test_bf16_pp2_close_to_pp1(tmp_path):
-    extra = ["--bf16", "--train-iters", "5"]
+@pytest.mark.parametrize("model,schedule", [
+    ([], ["--pipeline-split", "1,5"]),
+    # interleaved: 2 stages x 2 chunks = 4 pieces, so the 5-piece layout 2+2R2+2
+    (["--layout", "2+2R2+2"], ["--virtual-pipeline-model-parallel-size", "2"]),
+], ids=["1f1b", "interleaved"])
+def test_bf16_pp2_close_to_pp1(tmp_path, model, schedule):
+    extra = ["--bf16", "--train-iters", "5"] + model
     one = train(tmp_path, "bf16_pp1", 1, extra)
-    two = train(tmp_path, "bf16_pp2", 2, extra + ["--pipeline-model-parallel-size", "2", "--pipeline-split", "1,5"])
+    two = train(tmp_path, "bf16_pp2", 2, extra + ["--pipeline-model-parallel-size", "2"] + schedule)
     assert len(one) == len(two) == 5
     # Step 1 runs the same bf16 forward on the same weights: the same loss.
     assert abs(one[0] - two[0]) <= 1e-6 * one[0], (one, two)

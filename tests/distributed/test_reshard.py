@@ -1,6 +1,7 @@
 """Resharding keeps the whole training state: a run saved on one layout continues on another
 (fewer TP ranks, fewer data-parallel ranks) with the losses of the run that never stopped."""
 
+import json
 import os
 
 import pytest
@@ -72,4 +73,19 @@ def test_zero2_two_ranks_resharded_to_one_rank(tmp_path):
     straight, save, _ = train(tmp_path, "dp2", 2, COMMON + zero2)
     convert(save, tmp_path / "dp1_ckpt")
     resumed = continue_from(tmp_path, "dp1", tmp_path / "dp1_ckpt", 1, zero2)
+    assert max(abs(a - b) for a, b in zip(straight[5:], resumed)) <= 1e-5, (straight[5:], resumed)
+
+
+def test_pp2_resharded_to_pp1_continues_the_run(tmp_path):
+    """Pipeline stages merge with their optimizer: the 1,5 split puts the looped core (and the
+    MeSH routers, fed h_emb across the boundary) on stage 1, prelude and embeddings on stage 0."""
+    zero1 = ["--ds_config", "examples/zero1.json", "--variant", "mesh"]
+    straight, save, _ = train(tmp_path, "pp2", 2, COMMON + zero1 + ["--pipeline-model-parallel-size", "2",
+                                                                     "--pipeline-split", "1,5"])
+    out = convert(save, tmp_path / "pp1_ckpt", "--pipeline-model-parallel-size", "1")
+    assert "optimizer, LR schedule, data position and RNG at iteration 5" in out
+    recorded = json.load(open(tmp_path / "pp1_ckpt" / "iter_0000005" / "mesh_config.json"))["recipe"]["parallel"]
+    assert (recorded["pipeline_model_parallel_size"], recorded["pipeline_split"]) == (1, None)
+    resumed = continue_from(tmp_path, "pp1", tmp_path / "pp1_ckpt", 1, zero1)
+    assert len(straight) == 10 and len(resumed) == 5
     assert max(abs(a - b) for a, b in zip(straight[5:], resumed)) <= 1e-5, (straight[5:], resumed)
