@@ -42,6 +42,18 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def _fresh_random_state() -> None:
+    """A fork inherits the server's generators; give the child what a new interpreter has:
+    Python's, numpy's and torch's default generators seeded afresh from the OS."""
+    import random
+
+    random.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()
+
+
 def _run_child(request: dict, fds: list[int]) -> None:
     """In the forked child: become `python SCRIPT ARGS`, never return."""
     code = 1
@@ -61,6 +73,7 @@ def _run_child(request: dict, fds: list[int]) -> None:
         extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
         sys.path[:] = [os.path.dirname(script)] + extra + [p for p in sys.path[1:] if p not in extra]
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        _fresh_random_state()
         import runpy
 
         try:

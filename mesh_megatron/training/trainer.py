@@ -258,12 +258,15 @@ class Trainer:
                 thr = Throughput.measure(window_iters * t.global_batch_size * seq, elapsed,
                                          self.flops_per_token, dist.get_world_size())
                 lr = self.engine.get_lr()[0]
+                # DeepSpeed reports the norm from its ZeRO/bf16/fp16 optimizers; the plain fp32
+                # optimizer (ZeRO stage 0) clips without keeping it: shown as "-", not logged.
                 grad_norm = self.engine.get_global_grad_norm()
-                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                grad_norm = float(grad_norm) if grad_norm is not None else None
+                norm = f"{grad_norm:.3f}" if grad_norm is not None else "-"
                 mfu = f"{100 * thr.mfu:.1f}%" if thr.mfu is not None else "-"
                 self.sinks.print(
                     f"iter {self.iteration:>6}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | "
-                    f"grad-norm {grad_norm:.3f} | tokens/s {thr.tokens_per_s:,.0f} | "
+                    f"grad-norm {norm} | tokens/s {thr.tokens_per_s:,.0f} | "
                     f"TFLOP/s/dev {thr.tflops_per_device:.4f} | MFU {mfu} | "
                     f"mem {peak_memory_gib():.2f} GiB | {elapsed / window_iters:.3f} s/it"
                     + (f" | skipped {skipped}" if skipped else ""))
