@@ -2,7 +2,7 @@
 """Variant ablation at matched compute with a token-budget sweep, through pretrain_mesh.py.
 
   python tools/ablate.py --variants base,anchor,mesh --preset tiny --layout 2+2R2+2 --hidden-size 128 \\
-      --tokens 5e5,1e6,2e6 --seeds 2 --out docs/ablation --runs-dir /tmp/ablation_runs
+      --tokens 5e5,1e6,2e6 --seeds 2 --jobs 2 --out docs/ablation --runs-dir /tmp/ablation_runs
   python tools/ablate.py --quick --out /tmp/ablate_quick        # CI: 2 variants, 1 seed, tiny budgets
 
 Every variant gets the same layout (vanilla: the layout unrolled into P + C*K + Q distinct
@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-path", nargs="*", default=[], help="as pretrain_mesh.py (default: the embedded corpus)")
     p.add_argument("--tokenizer-type", default=None)
     p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once (each gets cores / jobs threads and, with several GPUs, "
+                        "its own GPU round-robin); results do not depend on it")
     p.add_argument("--quick", action="store_true", help="CI: two variants, one seed, tiny model and budgets")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more pretrain_mesh.py flags for every run")
     args = p.parse_args(argv)
@@ -81,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tokens {args.tokens!r}: give comma-separated numbers such as 1e6,3e6")
     if not args.tokens or args.tokens[0] <= 0 or args.seeds < 1:
         p.error("--tokens must be positive and --seeds >= 1")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     args.extra = [a for a in args.extra if a != "--"]
     args.runs_dir = args.runs_dir or os.path.join(args.out, "runs")
     # Runs start in the repository (relative ds_config); the user's paths are resolved here.
@@ -147,7 +152,42 @@ def read_evals(log_path: str) -> dict[int, float]:
     return evals
 
 
-def train_one(args, recipe_path: str, variant: str, seed: int, train_iters: int, interval: int) -> dict:
+def job_env(slot: int, jobs: int) -> dict[str, str]:
+    """What one of `jobs` concurrent runs gets: its share of the cores, and a GPU of its own
+    (round-robin) when there are several."""
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))}
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
+    return env
+
+
+def train_all(args, recipe_path: str, train_iters: int, interval: int) -> list[dict]:
+    """Every (variant, seed) run, `--jobs` at a time; results in (seed, variant) order."""
+    order = [(v, 1234 + s) for s in range(args.seeds) for v in args.variants]
+    if args.jobs == 1:
+        return [train_one(args, recipe_path, v, seed, train_iters, interval, job_env(0, 1)) for v, seed in order]
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    slots: queue.Queue = queue.Queue()
+    for i in range(args.jobs):
+        slots.put(i)
+
+    def run(item):
+        slot = slots.get()
+        try:
+            return train_one(args, recipe_path, *item, train_iters, interval, job_env(slot, args.jobs))
+        finally:
+            slots.put(slot)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return list(pool.map(run, order))
+
+
+def train_one(args, recipe_path: str, variant: str, seed: int, train_iters: int, interval: int,
+              extra_env: dict[str, str]) -> dict:
     run_dir = os.path.join(args.runs_dir, f"{variant}-s{seed}")
     done = os.path.join(run_dir, "done.json")
     if os.path.exists(done):
@@ -162,7 +202,8 @@ def train_one(args, recipe_path: str, variant: str, seed: int, train_iters: int,
         cmd += ["--load", ckpt]
         print(f"[ablate] {variant} seed {seed}: continuing from {ckpt}", flush=True)
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               MASTER_PORT=str(free_port()), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **extra_env)
     print(f"[ablate] {variant} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     start = time.time()
     with open(os.path.join(run_dir, "stdout.txt"), "a") as out:
@@ -320,8 +361,7 @@ def main(argv=None) -> int:
     train_iters = max(steps.values())
     print(f"[ablate] {len(args.variants)} variants x {args.seeds} seeds, {tokens_per_step} tokens/step, "
           f"budgets {steps} (steps), validation every {interval} steps", flush=True)
-    runs = [train_one(args, recipe_path, v, 1234 + s, train_iters, interval)
-            for s in range(args.seeds) for v in args.variants]
+    runs = train_all(args, recipe_path, train_iters, interval)
     records, md = summarize(args, runs, steps, tokens_per_step)
     command = "python tools/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {"command": command, "variants": args.variants, "seeds": [1234 + s for s in range(args.seeds)],

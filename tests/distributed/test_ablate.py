@@ -18,7 +18,7 @@ def test_quick_ablation_writes_results_and_resumes(tmp_path):
     out, runs = tmp_path / "out", tmp_path / "runs"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "ablate.py"), "--quick", "--out", str(out),
            "--runs-dir", str(runs)]
-    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(cmd + ["--jobs", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert {"results.json", "results.md", "loss_vs_tokens.png", "recipe.yaml"} <= set(os.listdir(out))
     assert open(out / "loss_vs_tokens.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -36,8 +36,10 @@ def parse(argv, world=1):
     return arguments.parse(["--ds_config", os.path.join(ROOT, "examples/zero2.json")] + argv, world_size=world)
 
 
-def test_defaults_parse():
-    run = parse([])
+def test_defaults_parse(tmp_path):
+    # --save under tmp_path: the default (checkpoints/embedded-default) may hold `make train`'s
+    # run, which a run without --load refuses to reuse.
+    run = parse(["--save", str(tmp_path / "ck")])
     assert run.train.global_batch_size == 16 and run.ds_config["gradient_accumulation_steps"] == 2
     assert run.model.vocab_size == 4096  # the embedded tokenizer's vocabulary
 
@@ -148,9 +150,10 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     cfg = dataclasses.replace(preset("tiny", "base"), vocab_size=4096)
     (tmp_path / "iter_0000005" / CONFIG_FILE).write_text(json.dumps({"model": dataclasses.asdict(cfg)}))
     (tmp_path / LATEST).write_text("iter_0000005")
-    parse(["--variant", "base", "--load", str(tmp_path)])  # same model: accepted
+    save = ["--save", str(tmp_path / "new")]
+    parse(["--variant", "base", "--load", str(tmp_path)] + save)  # same model: accepted
     with pytest.raises(ConfigError, match="different model config .*variant: checkpoint 'base' vs run 'mesh'"):
-        parse(["--variant", "mesh", "--load", str(tmp_path)])
+        parse(["--variant", "mesh", "--load", str(tmp_path)] + save)
 
 
 @pytest.mark.parametrize("argv,message", [
