@@ -154,7 +154,9 @@ def read_evals(log_path: str) -> dict[int, float]:
 
 def job_env(slot: int, jobs: int) -> dict[str, str]:
     """What one of `jobs` concurrent runs gets: its share of the cores, and a GPU of its own
-    (round-robin) when there are several."""
+    (round-robin) when there are several. One job at a time: the defaults, untouched."""
+    if jobs == 1:
+        return {}
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))}
     import torch
 
@@ -166,8 +168,6 @@ def job_env(slot: int, jobs: int) -> dict[str, str]:
 def train_all(args, recipe_path: str, train_iters: int, interval: int) -> list[dict]:
     """Every (variant, seed) run, `--jobs` at a time; results in (seed, variant) order."""
     order = [(v, 1234 + s) for s in range(args.seeds) for v in args.variants]
-    if args.jobs == 1:
-        return [train_one(args, recipe_path, v, seed, train_iters, interval, job_env(0, 1)) for v, seed in order]
     import queue
     from concurrent.futures import ThreadPoolExecutor
 
