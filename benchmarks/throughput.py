@@ -75,6 +75,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 model + fp32 master weights (as DeepSpeed bf16)")
     p.add_argument("--recompute", choices=RECOMPUTE, default="none", help="activation recompute")
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto", help="core attention")
+    p.add_argument("--vs-attention", choices=ATTENTION_BACKENDS, default=None,
+                   help="also time every variant with this core attention (rows VARIANT@BACKEND, same "
+                        "rounds); column 'vs attn' = the variant's step time / its @BACKEND row's")
     p.add_argument("--hf", action="store_true", help="also time HF GPTNeoXForCausalLM (sdpa) at vanilla shape")
     p.add_argument("--schedule", choices=("auto", "alternate", "sequential"), default="auto",
                    help="alternate rounds (all variants in memory) or one variant at a time; "
@@ -100,6 +103,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         for v in names:
             validate(model_config(args, v))
         ExecutionConfig(args.attention_backend, args.recompute).validate()
+        if args.vs_attention:
+            ExecutionConfig(args.vs_attention, args.recompute).validate()
     except ConfigError as e:
         p.error(str(e))
     return args
@@ -110,18 +115,23 @@ def model_config(args: argparse.Namespace, variant: str) -> ModelConfig:
     return preset(args.preset, variant, args.layout, seq_length=args.seq_length)
 
 
+def attention_of(args: argparse.Namespace, name: str) -> str:
+    """A row's core attention: VARIANT@BACKEND rows (--vs-attention) name theirs."""
+    return name.split("@", 1)[1] if "@" in name else args.attention_backend
+
+
 # ----------------------------------------------------------------------------- models
-def build_mesh(cfg: ModelConfig, args: argparse.Namespace, dtype: torch.dtype) -> torch.nn.Module:
+def build_mesh(cfg: ModelConfig, args: argparse.Namespace, dtype: torch.dtype, attention: str) -> torch.nn.Module:
     from mesh_megatron.model import MeshGPTModel
 
     tf_config = to_transformer_config(cfg, ParallelConfig(), params_dtype=dtype)
-    execution = ExecutionConfig(attention_backend=args.attention_backend, recompute=args.recompute)
+    execution = ExecutionConfig(attention_backend=attention, recompute=args.recompute)
     model = MeshGPTModel(cfg, tf_config, execution=execution, init_seed=0)
     # DeepSpeed's bf16 engine casts the whole module (routers included) the same way.
     return model.to(device=args.device, dtype=dtype)
 
 
-def build_hf(cfg: ModelConfig, args: argparse.Namespace, dtype: torch.dtype) -> torch.nn.Module:
+def build_hf(cfg: ModelConfig, args: argparse.Namespace, dtype: torch.dtype, attention: str) -> torch.nn.Module:
     """GPTNeoX with the vanilla model's shape: same width, heads, compute depth, padded vocab."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -155,7 +165,7 @@ class Trainee:
         self.name, self.cfg, self.args = name, cfg, args
         self.dtype = torch.bfloat16 if args.bf16 else torch.float32
         builder = build_hf if name == HF else build_mesh
-        self.model = builder(cfg, args, self.dtype)
+        self.model = builder(cfg, args, self.dtype, attention_of(args, name))
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.num_params = sum(p.numel() for p in self.params)
@@ -268,8 +278,9 @@ def estimate_params(cfg: ModelConfig) -> int:
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
-    names = list(args.variant_list) + ([HF] if args.hf else [])
-    cfgs = {n: model_config(args, "vanilla" if n == HF else n) for n in names}
+    names = list(args.variant_list) + [f"{v}@{args.vs_attention}" for v in args.variant_list if args.vs_attention] \
+        + ([HF] if args.hf else [])
+    cfgs = {n: model_config(args, "vanilla" if n == HF else n.split("@")[0]) for n in names}
     status: dict[str, str] = {n: "ok" for n in names}
     trainees: dict[str, Trainee] = {}
     act: dict[str, int] = {}
@@ -372,6 +383,8 @@ def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         for key in ("base", "vanilla"):
             r[f"vs_{key}"] = r["step_s"] / ref[key] if r["step_s"] and ref.get(key) else None
+        other = next((n for n in ref if n.startswith(r["variant"] + "@")), None)  # --vs-attention
+        r["vs_attention"] = r["step_s"] / ref[other] if other and r["step_s"] and ref[other] else None
 
 
 def header(args: argparse.Namespace) -> dict:
@@ -394,11 +407,11 @@ def table(args: argparse.Namespace, rows: list[dict]) -> str:
              f"median of {args.steps} steps after {args.warmup} warm-up",
              "",
              "| variant | layout | params | tokens/s | s/step | TFLOP/s | MFU | act GiB | peak GiB "
-             "| vs base | vs vanilla |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| vs base | vs vanilla |" + (f" vs @{args.vs_attention} |" if args.vs_attention else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.vs_attention else "")]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['variant']} | {r['layout']} | {r['status']} |" + " |" * 8)
+            lines.append(f"| {r['variant']} | {r['layout']} | {r['status']} |" + " |" * (8 + bool(args.vs_attention)))
             continue
         name = "HF GPTNeoX (sdpa)" if r["variant"] == HF else r["variant"]
         mfu = fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f")
@@ -406,7 +419,8 @@ def table(args: argparse.Namespace, rows: list[dict]) -> str:
             f"| {name} | {r['layout']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | "
             f"{r['step_s']:.4f} | {r['tflops']:.2f} | {mfu}{'%' if r['mfu'] else ''} | "
             f"{fmt(r['activation_gib'], '.3f')} | {fmt(r['peak_mem_gib'], '.2f')} | "
-            f"{fmt(r['vs_base'], '.3f')} | {fmt(r['vs_vanilla'], '.3f')} |")
+            f"{fmt(r['vs_base'], '.3f')} | {fmt(r['vs_vanilla'], '.3f')} |"
+            + (f" {fmt(r['vs_attention'], '.3f')} |" if args.vs_attention else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -64,6 +64,24 @@ def test_throughput_tiny_cpu_bf16_with_hf(megatron_single, tmp_path):
     assert rows == [{k: r[k] for k in rows[0]} for r in data]
 
 
+def test_throughput_vs_attention_times_both_kernels_in_one_run(megatron_single, tmp_path):
+    import throughput
+
+    throughput.main(["--device", "cpu", "--preset", "tiny", "--variants", "base,mesh", "--attention-backend", "sdpa",
+                     "--vs-attention", "local", "--seq-length", "32", "--steps", "2", "--warmup", "1",
+                     "--out", str(tmp_path)])
+    data = json.load(open(tmp_path / "throughput.json"))
+    by = {r["variant"]: r for r in data}
+    assert list(by) == ["base", "mesh", "base@local", "mesh@local"]
+    for v in ("base", "mesh"):
+        assert by[v]["vs_attention"] == pytest.approx(by[v]["step_s"] / by[f"{v}@local"]["step_s"])
+        # Same weights and batch, another kernel of the same math: the losses agree to rounding
+        # (the last of 3 steps, after two AdamW updates from gradients equal to 1e-5).
+        assert abs(by[v]["final_loss"] - by[f"{v}@local"]["final_loss"]) <= 1e-4
+    assert by["mesh@local"]["vs_attention"] is None
+    assert "| vs base | vs vanilla | vs @local |" in open(tmp_path / "throughput.md").read()
+
+
 def test_throughput_counts_fewer_saved_activations_with_recompute(megatron_single):
     """The act-GiB column measures what backward keeps: per-layer recompute keeps only layer inputs."""
     import throughput
