@@ -77,7 +77,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto", help="core attention")
     p.add_argument("--vs-attention", choices=ATTENTION_BACKENDS, default=None,
                    help="also time every variant with this core attention (rows VARIANT@BACKEND, same "
-                        "rounds); column 'vs attn' = the variant's step time / its @BACKEND row's")
+                        "rounds); column 'vs @BACKEND' = the variant's step time / its @BACKEND row's")
     p.add_argument("--hf", action="store_true", help="also time HF GPTNeoXForCausalLM (sdpa) at vanilla shape")
     p.add_argument("--schedule", choices=("auto", "alternate", "sequential"), default="auto",
                    help="alternate rounds (all variants in memory) or one variant at a time; "

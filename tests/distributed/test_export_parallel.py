@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from launch import ROOT, run_script, run_workers
+from launch import ROOT, run_workers
+from test_pipeline import convert
 
 pytestmark = pytest.mark.distributed
 SCRIPT = os.path.join(ROOT, "pretrain_mesh.py")
@@ -62,10 +63,7 @@ def test_tensor_parallel_and_zero2_checkpoints_export(megatron_single, tmp_path)
     assert rel_err(merged, training_logits(tmp_path, tp2, 2)) <= 1e-5
     assert rel_err(sharded, training_logits(tmp_path, zero2, 1)) <= 1e-5
     # The TP=1 export of the same weights (re-split to TP=1 first) gives the same logits.
-    proc = run_script(os.path.join(ROOT, "tools", "convert_checkpoint.py"),
-                      ["--load", str(tp2), "--save", str(tmp_path / "tp1"), "--tensor-model-parallel-size", "1",
-                       "--weights-only"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    convert(tp2, tmp_path / "tp1", "--tensor-model-parallel-size", "1", "--weights-only")
     assert rel_err(merged, export_logits(tmp_path / "tp1", tmp_path / "hf_tp1")) <= 1e-5
 
 
