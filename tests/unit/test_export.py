@@ -335,35 +335,74 @@ def test_perplexity_matches_training_model_loss(megatron_single, tmp_path):
     assert result["tokens"] == 8 * SEQ and abs(result["loss"] - loss) <= 1e-5 * loss
 
 
-def test_lm_eval_runs_a_local_task_offline(megatron_single, tmp_path):
-    pytest.importorskip("lm_eval")
-    cfg = tiny("mesh")
-    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
-    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
+def write_local_choice_task(tasks, name):
+    """A three-question multiple-choice lm-eval task `name` whose data is a local JSON file."""
+    tasks.mkdir(exist_ok=True)
     docs = [{"question": "The capital of France is", "choices": [" Paris", " a dog"], "label": 0},
             {"question": "Two plus two is", "choices": [" four", " blue"], "label": 0},
             {"question": "def f(x): return", "choices": [" x", " the"], "label": 1}]
-    (tasks / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tasks / "tiny_choice.yaml").write_text(
-        "task: tiny_choice\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    validation: {tasks / 'docs.jsonl'}\n"
+    (tasks / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {tasks / f'{name}.jsonl'}\n"
         "output_type: multiple_choice\nvalidation_split: validation\n"
         'doc_to_text: "{{question}}"\ndoc_to_target: label\ndoc_to_choice: "{{choices}}"\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
         "metadata:\n  version: 1.0\n")
-    out = tmp_path / "results.json"
+
+
+def offline_env(tmp_path):
+    """No downloads, an empty Hugging Face cache of the test's own."""
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
                HF_DATASETS_CACHE=str(tmp_path / "datasets"))
     env.pop("LOCAL_RANK", None)  # set by the in-process megatron fixture; accelerate would read it as a launch
+    return env
+
+
+def test_eval_lm_offline_runs_local_tasks_and_the_paper_suite(megatron_single, tmp_path):
+    """One offline tools/eval_lm.py run (one lm-eval start, as a user would run it):
+    - `--tasks tiny_choice --include-path`: a local task runs;
+    - `--suite paper` with part of its data: the Pile perplexity from --pile-data (the same
+      number as hf_eval.perplexity on that data), piqa from a local task YAML that takes the
+      place of lm-eval's, every other evaluation listed as skipped."""
+    pytest.importorskip("lm_eval")
+    from mesh_megatron.checkpoint import hf_eval
+    from mesh_megatron.data.embedded import embedded_prefix, prepare_embedded_dataset
+
+    cfg = tiny("mesh")
+    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
+    cache = str(tmp_path / "cache")
+    prepare_embedded_dataset(cache)
+    pile = embedded_prefix(cache)  # stands in for the Pile validation documents
+    write_local_choice_task(tmp_path / "tasks", "piqa")
+    write_local_choice_task(tmp_path / "tasks", "tiny_choice")
+    out = tmp_path / "results.json"
     proc = run_script(os.path.join(ROOT, "tools/eval_lm.py"),
-                      ["--model-dir", str(tmp_path / "hf"), "--tasks", "tiny_choice", "--include-path", str(tasks),
-                       "--num-fewshot", "0", "--batch-size", "2", "--limit", "3", "--output", str(out)],
-                      env=env, timeout=300)
+                      ["--model-dir", str(tmp_path / "hf"), "--suite", "paper", "--offline", "--skip-unavailable",
+                       "--pile-data", pile, "--perplexity-samples", "8", "--perplexity-batch-size", "4",
+                       "--data-cache-dir", cache, "--include-path", str(tmp_path / "tasks"),
+                       "--tasks", "tiny_choice", "--num-fewshot", "0", "--limit", "3",
+                       "--batch-size", "2", "--output", str(out)],
+                      env=offline_env(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())["lm_eval"]["results"]["tiny_choice"]
-    assert 0.0 <= result["acc,none"] <= 1.0 and result["sample_len"] == 3
+    results = json.loads(out.read_text())
+    local = results["lm_eval"]["results"]["tiny_choice"]
+    assert 0.0 <= local["acc,none"] <= 1.0 and local["sample_len"] == 3
+
+    paper = results["paper"]
+    summary, piqa = paper["summary"], paper["lm_eval"]["results"]["piqa"]
+
+    expected = hf_eval.perplexity(str(tmp_path / "hf"), [pile], split=hf_eval.PILE_SPLIT, which="train",
+                                  samples=8, batch_size=4, cache_dir=cache)
+    assert summary["pile_perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+    assert piqa["sample_len"] == 3  # the local three questions, not lm-eval's piqa
+    assert summary["zero_shot_acc"] == {"piqa": piqa["acc,none"]} and summary["zero_shot_tasks_run"] == 1
+    assert summary["zero_shot_avg_acc"] == piqa["acc,none"]
+    skipped = {item.split(" ")[0] for item in summary["skipped"]}
+    assert skipped == set(hf_eval.PAPER_ZERO_SHOT + hf_eval.PAPER_PERPLEXITY_TASKS) - {"piqa"}
+    assert proc.stdout.count("skipped: ") == len(skipped)
+    assert f"pile_perplexity: {expected['perplexity']:.4f}" in proc.stdout
 
 
 # -----------------------------------------------------------------------------
