@@ -26,7 +26,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mesh_megatron.checkpoint.hf_import import INIT_METHODS
+    from mesh_megatron.conversion.from_hf import INIT_METHODS
     from mesh_megatron.config import VARIANTS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mesh_megatron.checkpoint.hf_import import import_from_hf
+    from mesh_megatron.conversion.from_hf import import_from_hf
     from mesh_megatron.config import ConfigError
 
     try:

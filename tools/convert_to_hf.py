@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mesh_megatron.checkpoint.hf_export import export_to_hf
+    from mesh_megatron.conversion.to_hf import export_to_hf
     from mesh_megatron.config import ConfigError
 
     try:

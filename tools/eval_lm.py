@@ -71,24 +71,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_paper(args, hf_eval) -> dict:
+def run_paper(args, evaluation) -> dict:
     """docs/MESH_METHOD.md section 5 on the exported model; ConfigError if data is missing."""
-    tasks, skipped = hf_eval.check_paper_suite(args.model_dir, args.pile_data, args.include_path,
+    tasks, skipped = evaluation.check_paper_suite(args.model_dir, args.pile_data, args.include_path,
                                                args.skip_unavailable)
     for item in skipped:
         print(f"skipped: {item}")
     pile = None
     if args.pile_data:
-        pile = hf_eval.perplexity(args.model_dir, args.pile_data, split=hf_eval.PILE_SPLIT, which="train",
+        pile = evaluation.perplexity(args.model_dir, args.pile_data, split=evaluation.PILE_SPLIT, which="train",
                                   samples=args.perplexity_samples, seq_length=args.seq_length,
                                   batch_size=args.perplexity_batch_size, seed=args.seed,
                                   tokenizer_type=args.tokenizer_type, tokenizer_file=args.tokenizer_model,
                                   cache_dir=args.data_cache_dir, dtype=args.dtype, device=args.device)
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-    results = hf_eval.run_lm_eval(args.model_dir, tasks, num_fewshot=0, batch_size=batch, limit=limit,
+    results = evaluation.run_lm_eval(args.model_dir, tasks, num_fewshot=0, batch_size=batch, limit=limit,
                                   include_path=args.include_path, dtype=args.dtype, device=args.device) if tasks else {}
-    summary = hf_eval.paper_summary(results, pile)
+    summary = evaluation.paper_summary(results, pile)
     summary["skipped"] = skipped
     for key in ("pile_perplexity", "wikitext_word_perplexity", "lambada_openai_perplexity",
                 "lambada_standard_perplexity", "zero_shot_avg_acc"):
@@ -104,15 +104,15 @@ def main(argv=None) -> int:
     if args.offline:  # before datasets / huggingface_hub are imported
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
-    from mesh_megatron.checkpoint import hf_eval
+    from mesh_megatron import evaluation
     from mesh_megatron.config import ConfigError
 
     out: dict = {"model_dir": args.model_dir}
     try:
         if args.suite == "paper":
-            out["paper"] = run_paper(args, hf_eval)
+            out["paper"] = run_paper(args, evaluation)
         if args.perplexity_data:
-            out["perplexity"] = hf_eval.perplexity(
+            out["perplexity"] = evaluation.perplexity(
                 args.model_dir, args.perplexity_data, split=args.split, which=args.perplexity_split,
                 samples=args.perplexity_samples, seq_length=args.seq_length,
                 batch_size=args.perplexity_batch_size, seed=args.seed, tokenizer_type=args.tokenizer_type,
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         if args.tasks:
             batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
             limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-            results = hf_eval.run_lm_eval(
+            results = evaluation.run_lm_eval(
                 args.model_dir, [t.strip() for t in args.tasks.split(",") if t.strip()],
                 num_fewshot=args.num_fewshot, batch_size=batch, limit=limit,
                 include_path=args.include_path, dtype=args.dtype, device=args.device)

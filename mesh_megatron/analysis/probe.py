@@ -69,10 +69,10 @@ class ProbedModel:
 
 
 def _hf_model_of_training_checkpoint(load_dir: str, iteration: Optional[int]) -> ProbedModel:
-    """The exporter's conversion (checkpoint/hf_export.py), kept in memory: merged TP/PP
+    """The exporter's conversion (conversion/to_hf.py), kept in memory: merged TP/PP
     shards -> GPT-NeoX names -> the Hugging Face model, weights taken as they are."""
-    from mesh_megatron.checkpoint.hf_export import build_hf_model
-    from mesh_megatron.checkpoint.key_map import fold_embedding_multiplier, hf_config, training_to_hf
+    from mesh_megatron.conversion.to_hf import build_hf_model
+    from mesh_megatron.conversion.key_map import fold_embedding_multiplier, hf_config, training_to_hf
     from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state
 
     ckpt = open_checkpoint(load_dir, iteration)
@@ -110,7 +110,7 @@ def load_model(path: str, iteration: Optional[int] = None) -> ProbedModel:
         raise ConfigError(f"--iteration applies to training checkpoints; {path} is a Hugging Face directory")
     from transformers import AutoModelForCausalLM
 
-    from mesh_megatron.checkpoint.hf_import import find_tokenizer
+    from mesh_megatron.conversion.from_hf import find_tokenizer
 
     with open(config_path) as f:
         config = json.load(f)

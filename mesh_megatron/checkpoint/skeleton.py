@@ -12,8 +12,17 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from mesh_megatron.checkpoint.key_map import is_ignored
 from mesh_megatron.config import ConfigError, ExecutionConfig, ModelConfig, ParallelConfig, to_transformer_config, validate
+
+
+# Entries of a state dict that carry no weight: megatron's TE/local extra state, rotary tables,
+# and the causal-mask buffers old GPT-NeoX checkpoints stored.
+_IGNORED_SUFFIXES = ("._extra_state", "_extra_state", "inv_freq", "attention.bias", "attention.masked_bias")
+
+
+def is_ignored(name: str) -> bool:
+    """True for state-dict entries that are not weights (extra state, rotary tables, masks)."""
+    return name.endswith(_IGNORED_SUFFIXES)
 
 
 def with_padded_vocab_of(config: ModelConfig, tensor_parallel_size: int) -> ModelConfig:

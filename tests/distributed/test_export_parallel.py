@@ -34,7 +34,7 @@ def export_logits(save, out):
     """Export `save` and return the HF model's logits on IDS."""
     from transformers import AutoModelForCausalLM
 
-    from mesh_megatron.checkpoint.hf_export import export_to_hf
+    from mesh_megatron.conversion.to_hf import export_to_hf
 
     export_to_hf(str(save), str(out), progress=False)
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
@@ -70,7 +70,7 @@ def test_tensor_parallel_and_zero2_checkpoints_export(megatron_single, tmp_path)
 def test_imported_model_continues_training(megatron_single, tmp_path):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from mesh_megatron.checkpoint.hf_import import import_from_hf
+    from mesh_megatron.conversion.from_hf import import_from_hf
 
     torch.manual_seed(0)  # Pythia's settings; the embedded tokenizer's vocabulary of 4096
     config = GPTNeoXConfig(vocab_size=4096, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,

@@ -5,16 +5,16 @@ import json
 import os
 
 from launch import run_script
-from mesh_megatron.checkpoint import hf_eval
+from mesh_megatron import evaluation
 
 
 def test_paper_suite_is_the_nine_tasks_of_the_paper():
-    assert hf_eval.PAPER_ZERO_SHOT == ("lambada_openai", "lambada_standard", "hellaswag", "piqa", "winogrande",
+    assert evaluation.PAPER_ZERO_SHOT == ("lambada_openai", "lambada_standard", "hellaswag", "piqa", "winogrande",
                                        "arc_easy", "arc_challenge", "sciq", "mmlu_continuation")
     fake = {"results": {"piqa": {"acc,none": 0.6, "acc_norm,none": 0.61}, "sciq": {"acc,none": 0.8},
                         "wikitext": {"word_perplexity,none": 30.0},
                         "lambada_openai": {"perplexity,none": 20.0, "acc,none": 0.4}}}
-    s = hf_eval.paper_summary(fake, {"perplexity": 12.5})
+    s = evaluation.paper_summary(fake, {"perplexity": 12.5})
     assert s["zero_shot_acc"] == {"lambada_openai": 0.4, "piqa": 0.6, "sciq": 0.8}
     assert abs(s["zero_shot_avg_acc"] - 0.6) < 1e-12 and s["zero_shot_tasks_run"] == 3
     assert (s["pile_perplexity"], s["wikitext_word_perplexity"], s["lambada_openai_perplexity"]) == (12.5, 30.0, 20.0)
@@ -32,7 +32,7 @@ def test_missing_data_is_one_clear_line(tmp_path):
     assert len(errors) == 1, proc.stderr[-3000:]
     line = errors[0]
     assert "--suite paper: data not available for 11 of 11 evaluations: pile (no --pile-data)" in line
-    for task in (*hf_eval.PAPER_ZERO_SHOT, "wikitext"):
+    for task in (*evaluation.PAPER_ZERO_SHOT, "wikitext"):
         assert task in line
     assert "Fix: pass --pile-data PREFIX" in line and "--skip-unavailable" in line
     assert not (tmp_path / "r.json").exists()

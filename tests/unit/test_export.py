@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from launch import run_script
-from mesh_megatron.checkpoint.hf_export import export_to_hf
-from mesh_megatron.checkpoint.hf_import import import_from_hf, layer_sources
-from mesh_megatron.checkpoint.key_map import from_hf_name, to_hf_name
+from mesh_megatron.conversion.to_hf import export_to_hf
+from mesh_megatron.conversion.from_hf import import_from_hf, layer_sources
+from mesh_megatron.conversion.key_map import from_hf_name, to_hf_name
 from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state
 from mesh_megatron.checkpoint.skeleton import build_model
 from mesh_megatron.config import VARIANTS, ConfigError, ModelConfig, preset, to_transformer_config
@@ -313,7 +313,7 @@ def test_round_trip_export_import_export_is_identical(megatron_single, tmp_path)
 
 
 def test_perplexity_matches_training_model_loss(megatron_single, tmp_path):
-    from mesh_megatron.checkpoint.hf_eval import perplexity
+    from mesh_megatron.evaluation import perplexity
     from mesh_megatron.data.datasets import build_gpt_datasets
     from mesh_megatron.data.embedded import embedded_prefix, embedded_tokenizer, prepare_embedded_dataset
     from mesh_megatron.data.sampler import collate
@@ -363,10 +363,10 @@ def test_eval_lm_offline_runs_local_tasks_and_the_paper_suite(megatron_single, t
     """One offline tools/eval_lm.py run (one lm-eval start, as a user would run it):
     - `--tasks tiny_choice --include-path`: a local task runs;
     - `--suite paper` with part of its data: the Pile perplexity from --pile-data (the same
-      number as hf_eval.perplexity on that data), piqa from a local task YAML that takes the
+      number as evaluation.perplexity on that data), piqa from a local task YAML that takes the
       place of lm-eval's, every other evaluation listed as skipped."""
     pytest.importorskip("lm_eval")
-    from mesh_megatron.checkpoint import hf_eval
+    from mesh_megatron import evaluation
     from mesh_megatron.data.embedded import embedded_prefix, prepare_embedded_dataset
 
     cfg = tiny("mesh")
@@ -393,14 +393,14 @@ def test_eval_lm_offline_runs_local_tasks_and_the_paper_suite(megatron_single, t
     paper = results["paper"]
     summary, piqa = paper["summary"], paper["lm_eval"]["results"]["piqa"]
 
-    expected = hf_eval.perplexity(str(tmp_path / "hf"), [pile], split=hf_eval.PILE_SPLIT, which="train",
+    expected = evaluation.perplexity(str(tmp_path / "hf"), [pile], split=evaluation.PILE_SPLIT, which="train",
                                   samples=8, batch_size=4, cache_dir=cache)
     assert summary["pile_perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
     assert piqa["sample_len"] == 3  # the local three questions, not lm-eval's piqa
     assert summary["zero_shot_acc"] == {"piqa": piqa["acc,none"]} and summary["zero_shot_tasks_run"] == 1
     assert summary["zero_shot_avg_acc"] == piqa["acc,none"]
     skipped = {item.split(" ")[0] for item in summary["skipped"]}
-    assert skipped == set(hf_eval.PAPER_ZERO_SHOT + hf_eval.PAPER_PERPLEXITY_TASKS) - {"piqa"}
+    assert skipped == set(evaluation.PAPER_ZERO_SHOT + evaluation.PAPER_PERPLEXITY_TASKS) - {"piqa"}
     assert proc.stdout.count("skipped: ") == len(skipped)
     assert f"pile_perplexity: {expected['perplexity']:.4f}" in proc.stdout
 
@@ -518,7 +518,7 @@ def test_export_with_a_tokenizer_json(megatron_single, tmp_path):
     """A run trained with --tokenizer-type hf: its tokenizer.json is exported for AutoTokenizer."""
     from transformers import AutoTokenizer
 
-    from mesh_megatron.checkpoint.hf_tokenizer import _fast_from_sentencepiece
+    from mesh_megatron.conversion.tokenizer import _fast_from_sentencepiece
 
     cfg = tiny("base")
     ckpt = save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict(), tokenizer=False)

@@ -15,7 +15,7 @@ import torch
 from mesh_megatron.analysis import metrics
 from mesh_megatron.analysis.probe import ProbeSettings, load_model, run_probe, write_probe
 from mesh_megatron.analysis.states import StateReader
-from mesh_megatron.checkpoint.hf_export import export_to_hf
+from mesh_megatron.conversion.to_hf import export_to_hf
 from mesh_megatron.config import VARIANTS, ConfigError
 from test_export import ROOT, SEQ, random_model, save_like_training, tiny, token_ids
 

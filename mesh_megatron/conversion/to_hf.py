@@ -5,7 +5,7 @@
     HF_DIR/model.safetensors           weights under GPT-NeoX names (key_map.py)
     HF_DIR/configuration_mesh.py       looped variants only: the remote code,
     HF_DIR/modeling_mesh.py            loaded with trust_remote_code=True
-    HF_DIR/tokenizer.model | tokenizer.json, tokenizer_config.json   (hf_tokenizer.py)
+    HF_DIR/tokenizer.model | tokenizer.json, tokenizer_config.json   (tokenizer.py)
 
 Format decisions:
   * vocab_size is the checkpoint's PADDED row count (megatron pads to 128 * TP); the extra
@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mesh_megatron.checkpoint.hf_tokenizer import TokenizerExport, export_tokenizer
-from mesh_megatron.checkpoint.key_map import fold_embedding_multiplier, hf_config, training_to_hf
+from mesh_megatron.conversion.tokenizer import TokenizerExport, export_tokenizer
+from mesh_megatron.conversion.key_map import fold_embedding_multiplier, hf_config, training_to_hf
 from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state
 from mesh_megatron.checkpoint.writer import check_separate, prepare_output_dir
 from mesh_megatron.config import ConfigError, ModelConfig

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from mesh_megatron.checkpoint.key_map import (fold_embedding_multiplier, hf_to_training, scale_embeddings_for,
+from mesh_megatron.conversion.key_map import (fold_embedding_multiplier, hf_to_training, scale_embeddings_for,
                                               vocab_divisor)
 from mesh_megatron.checkpoint.reader import error_summary
 from mesh_megatron.checkpoint.writer import (MODEL_YAML, check_separate, prepare_output_dir,

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from mesh_megatron.checkpoint.skeleton import is_ignored
 from mesh_megatron.config import ConfigError, ModelConfig
 
 # Inside one layer: training suffix prefix -> HF suffix prefix (longest match first is not
@@ -61,16 +62,6 @@ _TRAIN_LAYER_RE = re.compile(r"^block\.(prelude|core|coda)\.(\d+)\.(.+)$")
 _TRAIN_ROUTER_RE = re.compile(r"^block\.state_passing\.(write_routers|read_routers)\.(\d+)\.(weight|bias)$")
 _HF_LAYER_RE = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
 _HF_ROUTER_RE = re.compile(r"^gpt_neox\.mesh\.(write_routers|read_routers)\.(\d+)\.(weight|bias)$")
-
-# Entries of a state dict that carry no weight: megatron's TE/local extra state, rotary tables,
-# and the causal-mask buffers old GPT-NeoX checkpoints stored.
-_IGNORED_SUFFIXES = ("._extra_state", "_extra_state", "inv_freq", "attention.bias", "attention.masked_bias")
-
-
-def is_ignored(name: str) -> bool:
-    """True for state-dict entries that are not weights (extra state, rotary tables, masks)."""
-    return name.endswith(_IGNORED_SUFFIXES)
-
 
 def stack_sizes(config: ModelConfig) -> tuple[int, int, int]:
     """(prelude, core, coda) layers HELD by the training model: vanilla is all prelude;

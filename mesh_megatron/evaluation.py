@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from mesh_megatron.checkpoint.hf_import import find_tokenizer
+from mesh_megatron.conversion.from_hf import find_tokenizer
 from mesh_megatron.config import ConfigError
 
 SPLITS = ("train", "valid", "test")
