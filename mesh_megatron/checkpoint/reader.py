@@ -25,9 +25,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from mesh_megatron.checkpoint.skeleton import is_ignored
 from mesh_megatron.checkpoint.manager import CONFIG_FILE, read_latest, tag_for
-from mesh_megatron.checkpoint.skeleton import check_weights, meta_model, with_padded_vocab_of
+from mesh_megatron.checkpoint.skeleton import check_weights, is_ignored, meta_model, with_padded_vocab_of
 from mesh_megatron.checkpoint.tensor_parallel import partition_dims
 from mesh_megatron.config import ConfigError, ModelConfig, ParallelConfig
 

@@ -10,7 +10,7 @@ from mesh_megatron import evaluation
 
 def test_paper_suite_is_the_nine_tasks_of_the_paper():
     assert evaluation.PAPER_ZERO_SHOT == ("lambada_openai", "lambada_standard", "hellaswag", "piqa", "winogrande",
-                                       "arc_easy", "arc_challenge", "sciq", "mmlu_continuation")
+                                          "arc_easy", "arc_challenge", "sciq", "mmlu_continuation")
     fake = {"results": {"piqa": {"acc,none": 0.6, "acc_norm,none": 0.61}, "sciq": {"acc,none": 0.8},
                         "wikitext": {"word_perplexity,none": 30.0},
                         "lambada_openai": {"perplexity,none": 20.0, "acc,none": 0.4}}}

@@ -1,4 +1,5 @@
-"""Hugging Face export and import (mesh_megatron/checkpoint, tools/convert_*_hf.py, tools/eval_lm.py).
+"""Hugging Face export and import (mesh_megatron/conversion, tools/convert_*_hf.py), evaluation
+(mesh_megatron/evaluation.py, tools/eval_lm.py).
 
 Checkpoints here are written in-process in the layout CheckpointManager produces (DeepSpeed's
 mp_rank_XX_model_states.pt with a "module" dict, mesh_config.json, tokenizer/, latest);
