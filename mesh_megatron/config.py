@@ -42,6 +42,8 @@ ADDITIVE_SUPPLEMENTS: dict[str, tuple[str, ...]] = {
     "anchor+anchor_emb": ("h0", "h_emb"),
 }
 MESH_VARIANTS = ("mesh", "vanilla+mesh")
+MESH_ROUTER_INITS = ("paper", "base")
+MESH_ROUTER_MARGIN = 4.0  # "base" init: target slot weight e^4 / (e^4 + B - 1), 0.93 at B = 5
 # `learned`: h_{t+1} = a1 * core(h_t) + a2 * h0 + a3 * h_emb, (a1, a2, a3) learned per loop step.
 VARIANTS = ("vanilla", *ADDITIVE_SUPPLEMENTS, "learned", *MESH_VARIANTS)
 
@@ -109,6 +111,11 @@ class ModelConfig:
     variant: str = "mesh"
     # MeSH buffer slots B; None -> K + 3 for mesh variants (the paper's best).
     mesh_slots: Optional[int] = None
+    # MeSH router init (docs/MESH_METHOD.md section 3): "paper" (bias 0: near-uniform
+    # routing) or "base" (bias +margin on a fresh slot per step: MeSH starts as the base
+    # recursion). The margin is "base"'s only; None -> MESH_ROUTER_MARGIN.
+    mesh_router_init: str = "paper"
+    mesh_router_margin: Optional[float] = None
     vocab_size: int = 4096  # tokenizer vocabulary; padded below
     make_vocab_size_divisible_by: int = 128
     seq_length: int = 128  # longest sequence the model is trained on
@@ -144,6 +151,13 @@ class ModelConfig:
         if not self.is_mesh:
             return 0
         return self.mesh_slots if self.mesh_slots is not None else self.parsed_layout.loops + 3
+
+    @property
+    def router_margin(self) -> float:
+        """The bias on each step's own slot under `mesh_router_init: base` (0 for `paper`)."""
+        if self.mesh_router_init != "base":
+            return 0.0
+        return self.mesh_router_margin if self.mesh_router_margin is not None else MESH_ROUTER_MARGIN
 
     @property
     def ffn_size(self) -> int:
@@ -233,6 +247,27 @@ class ParallelConfig:
 # --------------------------------------------------------------------------------------
 
 
+def _validate_router_init(model: ModelConfig, layout: Layout) -> None:
+    if model.mesh_router_init not in MESH_ROUTER_INITS:
+        raise ConfigError(f"mesh_router_init {model.mesh_router_init!r} is unknown: choose one of "
+                          f"{', '.join(MESH_ROUTER_INITS)}")
+    if not model.is_mesh and (model.mesh_router_init != "paper" or model.mesh_router_margin is not None):
+        raise ConfigError(f"mesh_router_init/mesh_router_margin are set but variant {model.variant!r} has no "
+                          "MeSH routers: drop them or use variant 'mesh'")
+    if model.mesh_router_margin is not None and model.mesh_router_init != "base":
+        raise ConfigError("mesh_router_margin is set but mesh_router_init is 'paper' (bias 0): the margin is "
+                          "the 'base' init's; add mesh_router_init: base or drop the margin")
+    if model.mesh_router_init == "base":
+        if not model.router_margin > 0:
+            raise ConfigError(f"mesh_router_margin={model.router_margin} must be positive (the bias on each "
+                              "step's own slot)")
+        if model.is_mesh and model.slots < layout.loops + 2:
+            raise ConfigError(
+                f"mesh_router_init 'base' gives each of the K + 1 = {layout.loops + 1} steps a fresh slot "
+                f"after slot 0, which needs mesh_slots >= K + 2 = {layout.loops + 2} (got {model.slots}): "
+                "raise mesh_slots or use mesh_router_init 'paper'")
+
+
 def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
              world_size: Optional[int] = None) -> None:
     """Raise ConfigError naming the first bad field and how to fix it."""
@@ -277,6 +312,7 @@ def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
                 f"mesh_slots={model.slots} is too small: the buffer needs at least 2 slots "
                 "(slot 0 holds the embeddings); the paper's default is K + 3"
             )
+    _validate_router_init(model, layout)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(model, name) < 1.0:
             raise ConfigError(f"{name}={getattr(model, name)} must be in [0, 1)")

@@ -66,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once (each gets cores / jobs threads and, with several GPUs, "
                         "its own GPU round-robin); results do not depend on it")
+    p.add_argument("--arm", action="append", default=[], metavar="LABEL=VARIANT [FLAGS]",
+                   help="one more arm beside --variants: a label, the variant and pretrain_mesh.py flags of its "
+                        "own (they override the shared recipe), e.g. 'mesh-rinit=mesh --mesh-router-init base' "
+                        "or 'base-lr1e-3=base --lr 1e-3'; repeatable; its runs live in RUNS/LABEL-sSEED")
     p.add_argument("--quick", action="store_true", help="CI: two variants, one seed, tiny model and budgets")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more pretrain_mesh.py flags for every run")
     args = p.parse_args(argv)
@@ -76,8 +80,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     from mesh_megatron.config import VARIANTS
 
     bad = [v for v in args.variants if v not in VARIANTS]
+    # arms: label -> (variant, its own flags); a plain variant is an arm without flags
+    args.arms = {v: (v, []) for v in args.variants}
+    for spec in args.arm:
+        label, _, rest = spec.partition("=")
+        words = rest.split()
+        label = label.strip()
+        if not label or not words or words[0] not in VARIANTS or "/" in label or label in args.arms:
+            p.error(f"--arm {spec!r}: give LABEL=VARIANT [FLAGS] with a new label (no '/') and a variant "
+                    f"of {', '.join(VARIANTS)}")
+        args.arms[label] = (words[0], words[1:])
+        args.variants.append(label)
     if bad or len(args.variants) < 2:
-        p.error(f"--variants: need two or more of {', '.join(VARIANTS)}" + (f"; unknown: {', '.join(bad)}" if bad else ""))
+        p.error(f"--variants: need two or more arms of {', '.join(VARIANTS)}" + (f"; unknown: {', '.join(bad)}" if bad else ""))
     try:
         args.tokens = sorted({int(float(t)) for t in args.tokens.split(",") if t.strip()})
     except ValueError:
@@ -186,33 +201,35 @@ def train_all(args, recipe_path: str, train_iters: int, interval: int) -> list[d
         return list(pool.map(run, order))
 
 
-def train_one(args, recipe_path: str, variant: str, seed: int, train_iters: int, interval: int,
+def train_one(args, recipe_path: str, label: str, seed: int, train_iters: int, interval: int,
               extra_env: dict[str, str]) -> dict:
-    run_dir = os.path.join(args.runs_dir, f"{variant}-s{seed}")
+    """One arm's run (`label` names it; args.arms gives its variant and own flags)."""
+    variant, arm_flags = args.arms[label]
+    run_dir = os.path.join(args.runs_dir, f"{label}-s{seed}")
     done = os.path.join(run_dir, "done.json")
     if os.path.exists(done):
-        print(f"[ablate] {variant} seed {seed}: finished earlier, not repeated", flush=True)
+        print(f"[ablate] {label} seed {seed}: finished earlier, not repeated", flush=True)
         return json.load(open(done))
     os.makedirs(run_dir, exist_ok=True)
     ckpt, log = os.path.join(run_dir, "ckpt"), os.path.join(run_dir, "log.jsonl")
     cmd = [sys.executable, SCRIPT, "--config", recipe_path, "--variant", variant, "--seed", str(seed),
            "--train-iters", str(train_iters), "--eval-interval", str(interval), "--save-interval", str(interval),
-           "--save", ckpt, "--log-jsonl", log, *args.extra]
+           "--save", ckpt, "--log-jsonl", log, *args.extra, *arm_flags]
     if os.path.exists(os.path.join(ckpt, "latest")):
         cmd += ["--load", ckpt]
-        print(f"[ablate] {variant} seed {seed}: continuing from {ckpt}", flush=True)
+        print(f"[ablate] {label} seed {seed}: continuing from {ckpt}", flush=True)
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                **extra_env)
-    print(f"[ablate] {variant} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    print(f"[ablate] {label} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     start = time.time()
     with open(os.path.join(run_dir, "stdout.txt"), "a") as out:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = open(os.path.join(run_dir, "stdout.txt")).read()[-3000:]
-        raise SystemExit(f"error: run {variant} seed {seed} failed (exit {proc.returncode}); its output "
+        raise SystemExit(f"error: run {label} seed {seed} failed (exit {proc.returncode}); its output "
                          f"ends:\n{tail}\nfix it and rerun: finished runs are kept")
-    result = {"variant": variant, "seed": seed, "evals": read_evals(log), "seconds": time.time() - start,
+    result = {"variant": label, "seed": seed, "evals": read_evals(log), "seconds": time.time() - start,
               "checkpoint": ckpt}
     tmp = done + ".tmp"
     with open(tmp, "w") as f:
@@ -238,10 +255,11 @@ def summarize(args, runs: list[dict], steps: dict[int, int], tokens_per_step: in
                             "budget": budget, "iteration": n, "valid_loss": r["evals"][str(n)]})
     loss = {(r["variant"], r["seed"], r["budget"]): r["valid_loss"] for r in records}
     seeds = sorted({r["seed"] for r in runs})
-    lines = ["| tokens | " + " | ".join(args.variants) + " | " +
-             " | ".join(f"{v} - base" for v in ("mesh", "anchor") if v in args.variants and "base" in args.variants)
-             + " |"]
-    diffs = [v for v in ("mesh", "anchor") if v in args.variants and "base" in args.variants]
+    # paired differences to base: mesh, anchor, then every --arm
+    diffs = [v for v in ("mesh", "anchor", *args.variants) if "base" in args.variants and v in args.variants
+             and (v in ("mesh", "anchor") or args.arms[v] != (v, []))]
+    diffs = list(dict.fromkeys(diffs))
+    lines = ["| tokens | " + " | ".join(args.variants) + " | " + " | ".join(f"{v} - base" for v in diffs) + " |"]
     lines.append("|" + "---|" * (1 + len(args.variants) + len(diffs)))
     crossover = None
     mesh_diff: dict[int, tuple[float, float]] = {}  # tokens -> (mean, sd) of mesh - base
@@ -346,15 +364,17 @@ def main(argv=None) -> int:
     import contextlib
     import io
 
-    for v in args.variants:
+    for label in args.variants:
+        v, arm_flags = args.arms[label]
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the check's printed recipe is not wanted
-                arguments.parse(["--config", recipe_path, "--variant", v, "--print-config"], world_size=1)
+                arguments.parse(["--config", recipe_path, "--variant", v, *args.extra, *arm_flags, "--print-config"],
+                                world_size=1)
         except SystemExit as e:
             if e.code not in (0, None):
                 return 2
         except ConfigError as e:
-            print(f"error: variant {v}: {e}", file=sys.stderr)
+            print(f"error: arm {label}: {e}", file=sys.stderr)
             return 2
     tokens_per_step = shared["training"]["global_batch_size"] * shared["model"]["seq_length"]
     interval, steps = schedule(args, tokens_per_step)
@@ -364,7 +384,8 @@ def main(argv=None) -> int:
     runs = train_all(args, recipe_path, train_iters, interval)
     records, md = summarize(args, runs, steps, tokens_per_step)
     command = "python tools/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = {"command": command, "variants": args.variants, "seeds": [1234 + s for s in range(args.seeds)],
+    results = {"command": command, "variants": args.variants,
+               "arms": {label: {"variant": v, "flags": f} for label, (v, f) in args.arms.items()}, "seeds": [1234 + s for s in range(args.seeds)],
                "tokens_per_step": tokens_per_step, "eval_interval": interval,
                "budgets": {str(k): v for k, v in steps.items()}, "recipe": shared, "records": records,
                "curves": [{"variant": r["variant"], "seed": r["seed"], "seconds": r["seconds"],

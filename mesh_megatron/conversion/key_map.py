@@ -218,6 +218,8 @@ def hf_config(config: ModelConfig, vocab_rows: int, *, bos_token_id: Optional[in
         core_shared=config.core_shared,
         state_passing=config.variant,
         mesh_slots=config.slots if config.is_mesh else None,
+        mesh_router_init=config.mesh_router_init,
+        mesh_router_margin=config.mesh_router_margin,
         embedding_multiplier=config.embedding_multiplier,
     )
 

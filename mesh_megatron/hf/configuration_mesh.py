@@ -48,6 +48,9 @@ class MeshGPTNeoXConfig(PretrainedConfig):
             whose K core blocks are distinct layers.
         state_passing: one of STATE_PASSING_VARIANTS.
         mesh_slots (B): MeSH buffer slots, used by "mesh" and "vanilla+mesh"; None means the paper's K + 3.
+        mesh_router_init, mesh_router_margin: how training initialised the MeSH router biases ("paper": 0;
+            "base": +margin on each step's own slot). A record of the run only: the trained weights are
+            loaded, and this model's own forward does not read them.
         embedding_multiplier: the input embeddings are multiplied by it, sqrt(hidden_size) when the paper's
             embedding scaling is on, 1.0 when off.
         num_hidden_layers: number of UNIQUE layers (weights under gpt_neox.layers.*): P + C + Q if core_shared
@@ -84,6 +87,8 @@ class MeshGPTNeoXConfig(PretrainedConfig):
     core_shared: bool = True
     state_passing: str = "mesh"
     mesh_slots: int | None = None
+    mesh_router_init: str = "paper"
+    mesh_router_margin: float | None = None
     embedding_multiplier: float | int = 1.0
     num_hidden_layers: int | None = None
 

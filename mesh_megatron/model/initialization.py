@@ -9,7 +9,8 @@ Rules (docs/MESH_METHOD.md section 1, GPT-NeoX small init):
   * every weight matrix and the word embeddings: N(0, init_std), init_std = sqrt(2 / (5h));
   * attention dense and MLP down-projection (linear_proj, linear_fc2): init_std / sqrt(2 * compute depth);
   * biases 0; LayerNorm weight 1, bias 0;
-  * MeSH routers: truncated normal, std sqrt(2 / (B * h)), at 3 std; bias 0;
+  * MeSH routers: truncated normal, std sqrt(2 / (B * h)), at 3 std; bias 0, or with
+    `mesh_router_init: base` +margin on each step's own slot (state_passing.router_bias);
   * learned state scalars: `learned_scalar_init`.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from mesh_megatron.config import ModelConfig
+from mesh_megatron.model.state_passing import router_bias
 
 OUTPUT_PROJECTIONS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 
@@ -37,8 +39,8 @@ def _draw(name: str, shape: list[int], config: ModelConfig, gen: torch.Generator
     if name.endswith("state_passing.scalars"):
         return torch.tensor(config.learned_scalar_init).expand(shape).clone()
     if "_routers." in name:
-        if name.endswith(".bias"):
-            return torch.zeros(shape)
+        if name.endswith(".bias"):  # ...state_passing.{write,read}_routers.{step}.bias
+            return router_bias(shape[0], int(name.split(".")[-2]), config.router_margin)
         std = math.sqrt(2.0 / (config.slots * config.hidden_size))
         w = torch.empty(shape)
         nn.init.trunc_normal_(w, std=std, a=-3 * std, b=3 * std, generator=gen)

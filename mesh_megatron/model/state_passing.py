@@ -78,6 +78,18 @@ class Router(nn.Linear):
         return torch.softmax(super().forward(h).float(), dim=-1)
 
 
+def router_bias(slots: int, step: int, margin: float) -> Tensor:
+    """Initial bias `[B]` of step `step`'s write and read routers (step 0 = transitional,
+    t + 1 = loop iteration t): 0 for the paper's init (margin 0); `mesh_router_init: base`
+    puts +margin on slot step + 1, so step s writes to a slot nothing else writes and reads
+    it back: h0 = h_pre, h_{t+1} = y_t, the base recursion, up to the non-target mass
+    (B - 1) / (e^margin + B - 1) of each softmax (at zero router weights)."""
+    bias = torch.zeros(slots)
+    if margin:
+        bias[step + 1] = margin
+    return bias
+
+
 class MeshCarry(NamedTuple):
     """What MeSH keeps during one forward: slot 0's content and every write so far.
 
@@ -109,11 +121,16 @@ class MeshStatePassing(nn.Module):
     read top to bottom); the sums run in another order, so they agree to rounding.
     """
 
-    def __init__(self, hidden_size: int, slots: int, loops: int):
+    def __init__(self, hidden_size: int, slots: int, loops: int, router_margin: float = 0.0):
         super().__init__()
         self.slots = slots
         self.write_routers = nn.ModuleList(Router(hidden_size, slots) for _ in range(loops + 1))
         self.read_routers = nn.ModuleList(Router(hidden_size, slots) for _ in range(loops + 1))
+        if router_margin:  # mesh_router_init: base (the training model's init redraws the same)
+            with torch.no_grad():
+                for step, routers in enumerate(zip(self.write_routers, self.read_routers)):
+                    for router in routers:
+                        router.bias.copy_(router_bias(slots, step, router_margin))
 
     def _write_read(self, step: int, router_input: Tensor, value: Tensor, carry: MeshCarry) -> tuple[Tensor, MeshCarry]:
         w = self.write_routers[step](router_input)  # [s, b, B] fp32
@@ -136,7 +153,7 @@ def build_state_passing(config: ModelConfig) -> nn.Module:
     """The state-passing module of a looped (or vanilla+mesh) model."""
     layout = config.parsed_layout
     if config.is_mesh:
-        return MeshStatePassing(config.hidden_size, config.slots, layout.loops)
+        return MeshStatePassing(config.hidden_size, config.slots, layout.loops, config.router_margin)
     if config.variant == "learned":
         return LearnedScalarStatePassing(layout.loops, config.learned_scalar_init)
     return AdditiveStatePassing(ADDITIVE_SUPPLEMENTS[config.variant])

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from mesh_megatron.config import (ATTENTION_BACKENDS, PRESETS, RECOMPUTE, VARIANTS, ConfigError, DataConfig,
+from mesh_megatron.config import (ATTENTION_BACKENDS, MESH_ROUTER_INITS, MESH_ROUTER_MARGIN, PRESETS, RECOMPUTE,
+                                  VARIANTS, ConfigError, DataConfig,
                                   ExecutionConfig, LoggingConfig, ModelConfig,
                                   ParallelConfig, TrainingConfig, validate, validate_training)
 from mesh_megatron.training import recipe
@@ -37,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "names; or bare ModelConfig fields); flags given on the command line override it")
     m.add_argument("--print-config", action="store_true", help="print the resolved recipe (YAML) and exit")
     m.add_argument("--mesh-slots", type=int, default=None, help="MeSH buffer slots B (default K+3)")
+    m.add_argument("--mesh-router-init", choices=list(MESH_ROUTER_INITS), default=None,
+                   help="MeSH router biases at init: paper (0, near-uniform routing; the default) or base "
+                        "(+margin on a fresh slot per step: MeSH starts as the base recursion)")
+    m.add_argument("--mesh-router-margin", type=float, default=None,
+                   help=f"--mesh-router-init base: the bias on each step's own slot (default {MESH_ROUTER_MARGIN})")
     m.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
 
     par = p.add_argument_group("parallelism")

@@ -31,3 +31,15 @@ def test_tp2_matches_tp1(variant, tmp_path):
         assert (g - tp2["grads"][name]).abs().max() <= 1e-5, (name, _rel_err(tp2["grads"][name], g))
     if variant == "mesh":  # the routers are replicated across TP ranks and still learn
         assert any("write_routers" in n for n in ref["grads"])
+
+
+def test_mesh_router_init_base_starts_as_base_at_tp2(tmp_path):
+    """--mesh-router-init base at margin 30 under TP = 2: the first forward is base's. The
+    routers are replicated, so each rank must route the same; at margin 30 every softmax puts
+    at most (B - 1) e^-(30 - 2M) < 1e-11 off its slot (M = max |router logit| from the weights,
+    < 1 here; tests/unit/test_model.py checks the bound), below fp32's resolution of the
+    logits. With the paper's init the two differ by O(1) (the unit test), so this cannot pass by
+    accident."""
+    run_workers(WORKER, 2, ["router_init_base", str(tmp_path), "30"])
+    logits = torch.load(tmp_path / "router_init_tp2.pt")
+    assert _rel_err(logits["mesh"], logits["base"]) <= 1e-6

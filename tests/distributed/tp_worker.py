@@ -76,8 +76,32 @@ def checkpoint_logits(ckpt_dir: str, ids_path: str, out_path: str) -> None:
     destroy()
 
 
+def router_init_base(out_dir: str, margin: str) -> None:
+    """`base` and `mesh --mesh-router-init base --mesh-router-margin MARGIN`, each drawn from
+    init seed 1234 at TP = world size (the init is per parameter name, so the shared layers
+    are the same weights): rank 0 saves both models' logits, gathered over the vocabulary."""
+    world = int(os.environ["WORLD_SIZE"])
+    parallel = ParallelConfig(tensor_model_parallel_size=world)
+    initialize_distributed(parallel)
+    from megatron.core import parallel_state
+
+    tokens = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(7))
+    logits = {}
+    for variant, extra in (("base", {}), ("mesh", dict(mesh_router_init="base", mesh_router_margin=float(margin)))):
+        cfg = preset("tiny", variant, seq_length=32, **extra)
+        validate(cfg, parallel, world)
+        model = MeshGPTModel(cfg, to_transformer_config(cfg, parallel), init_seed=1234).eval()
+        with torch.no_grad():
+            logits[variant] = gather_tensor(model(tokens), dim=-1, group=parallel_state.get_tensor_model_parallel_group())
+    if torch.distributed.get_rank() == 0:
+        torch.save(logits, os.path.join(out_dir, f"router_init_tp{world}.pt"))
+    destroy()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "checkpoint_logits":
         checkpoint_logits(*sys.argv[2:5])
+    elif sys.argv[1] == "router_init_base":
+        router_init_base(*sys.argv[2:4])
     else:
         main(*sys.argv[1:4])

@@ -107,6 +107,11 @@ def test_layout_parse_and_depths():
     (dict(variant="vanilla", layout="6", mesh_slots=5), None, "mesh_slots is set but variant is 'vanilla'"),
     (dict(variant="anchor", mesh_slots=5), None, "has no MeSH buffer"),
     (dict(variant="mesh", layout="6"), None, "needs a looped layout"),
+    (dict(mesh_router_init="uniform"), None, "mesh_router_init 'uniform' is unknown: choose one of paper, base"),
+    (dict(variant="anchor", mesh_router_init="base"), None, "variant 'anchor' has no MeSH routers"),
+    (dict(mesh_router_margin=2.0), None, "mesh_router_margin is set but mesh_router_init is 'paper'"),
+    (dict(mesh_router_init="base", mesh_router_margin=0.0), None, "mesh_router_margin=0.0 must be positive"),
+    (dict(mesh_router_init="base", mesh_slots=3), None, "needs mesh_slots >= K + 2 = 4"),
 ])
 def test_bad_config_has_one_clear_message(change, parallel, message):
     cfg = ModelConfig(**{**ModelConfig().__dict__, **change})

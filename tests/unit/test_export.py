@@ -295,8 +295,11 @@ def test_import_recursive_init(megatron_single, tmp_path):
 
 
 def test_round_trip_export_import_export_is_identical(megatron_single, tmp_path):
-    for variant in ("mesh", "vanilla", "learned"):
-        cfg = tiny(variant)
+    """Also: a MeSH trained with --mesh-router-init base records it in the export's config and
+    the imported checkpoint's ModelConfig (the exported forward does not read it)."""
+    rinit = dict(mesh_router_init="base", mesh_router_margin=6.0)
+    for variant in ("mesh", "vanilla", "learned", "mesh-rinit"):
+        cfg = tiny("mesh", **rinit) if variant == "mesh-rinit" else tiny(variant)
         save_like_training(tmp_path / variant / "ckpt", cfg, random_model(cfg).state_dict())
         first, again = tmp_path / variant / "hf1", tmp_path / variant / "hf2"
         export_to_hf(str(tmp_path / variant / "ckpt"), str(first), progress=False)
@@ -307,6 +310,10 @@ def test_round_trip_export_import_export_is_identical(megatron_single, tmp_path)
         assert all(torch.equal(a[k], b[k]) for k in a), variant
         c1, c2 = (json.loads((d / "config.json").read_text()) for d in (first, again))
         assert c1 == c2, variant
+        if variant == "mesh-rinit":
+            assert (c1["mesh_router_init"], c1["mesh_router_margin"]) == ("base", 6.0)
+            imported = open_checkpoint(str(tmp_path / variant / "ckpt2")).model
+            assert (imported.mesh_router_init, imported.mesh_router_margin) == ("base", 6.0)
 
 
 # -----------------------------------------------------------------------------

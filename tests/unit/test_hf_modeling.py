@@ -324,7 +324,8 @@ def test_save_and_load_with_remote_code(tmp_path, monkeypatch, variant):
         "vocab_size hidden_size num_attention_heads intermediate_size hidden_act rotary_pct rotary_emb_base "
         "max_position_embeddings layer_norm_eps use_parallel_residual initializer_range tie_word_embeddings "
         "attention_bias bos_token_id eos_token_id num_prelude_layers num_core_layers num_loops num_coda_layers "
-        "core_shared state_passing mesh_slots embedding_multiplier num_hidden_layers"
+        "core_shared state_passing mesh_slots mesh_router_init mesh_router_margin embedding_multiplier "
+        "num_hidden_layers"
     ).split()
     assert {f: saved.get(f) for f in fields} == {f: getattr(model.config, f) for f in fields}
 

@@ -1,5 +1,6 @@
 """The model on `tiny`: every variant trains, weight sharing is real, MeSH is exact."""
 
+import math
 import re
 
 import pytest
@@ -146,3 +147,74 @@ def test_init_follows_the_paper(megatron_single):
     assert emb.std().item() == pytest.approx(small * 256 ** 0.5, rel=0.05)
     router = params["block.state_passing.write_routers.0.weight"]
     assert router.std().item() == pytest.approx((2 / (cfg.slots * 256)) ** 0.5, rel=0.15)
+
+
+def _router_masses(model):
+    """Hooks recording, per router call, (step, kind, off-slot mass [s, b], max |W h|)."""
+    seen = []
+    sp = model.block.state_passing
+    for kind, routers in (("write", sp.write_routers), ("read", sp.read_routers)):
+        for step, router in enumerate(routers):
+            def hook(m, inputs, out, step=step, kind=kind):
+                logits = torch.nn.functional.linear(inputs[0].float(), m.weight.float())  # W h, no bias
+                seen.append((step, kind, 1 - out[..., step + 1], logits.abs().max().item()))
+            router.register_forward_hook(hook)
+    return seen
+
+
+def test_mesh_router_init_base_starts_as_base(megatron_single):
+    """--mesh-router-init base: bias +b on slot s + 1 of step s's routers, weights as the paper.
+
+    The bound: with router logits W h of at most M in size, a softmax puts at most
+    eps = (B - 1) e^-(b - 2M) / (1 + (B - 1) e^-(b - 2M)) off its slot. Step 0's read is then
+    h0 = r_0 h_emb + (r . w) h_pre with 1 - r . w <= eps_r + eps_w and r_0 <= eps_r, so
+    |h0 - h_pre| <= eps_r |h_emb| + (eps_r + eps_w) |h_pre| (max norms). At b = 4 the deviation is
+    visible and inside the bound; at b = 30, eps < 1e-11 and the whole forward is base's to fp32
+    rounding. The paper's init (bias 0) is O(1) away from base."""
+    inputs, _ = batch(3)
+    cfgs = {}
+    for name, kw in (("base", {}), ("paper", {}), ("b4", dict(mesh_router_init="base")),
+                     ("b30", dict(mesh_router_init="base", mesh_router_margin=30.0))):
+        cfg = preset("tiny", "base" if name == "base" else "mesh", seq_length=SEQ, **kw)
+        validate(cfg)
+        cfgs[name] = MeshGPTModel(cfg, to_transformer_config(cfg), init_seed=1234).eval()
+    assert cfgs["b4"].model_config.router_margin == 4.0  # the documented default
+    B = cfgs["b4"].model_config.slots
+    for name in ("paper", "b4", "b30"):
+        sp = cfgs[name].block.state_passing
+        margin = cfgs[name].model_config.router_margin
+        for s, (w, r) in enumerate(zip(sp.write_routers, sp.read_routers)):
+            for router in (w, r):
+                expected = torch.zeros(B)
+                expected[s + 1] = margin
+                assert torch.equal(router.bias.detach(), expected), (name, s)
+
+    states = {}
+    with torch.no_grad():
+        logits = {name: m(inputs) for name, m in cfgs.items()}
+        for name in ("b4", "b30"):
+            masses = _router_masses(cfgs[name])
+            got = {}
+            cfgs[name](inputs, observe=lambda n, h, got=got: got.__setitem__(n, h.clone()))
+            states[name] = (got, masses)
+
+    def eps_bound(margin, m):
+        x = (B - 1) * math.exp(-(margin - 2 * m))
+        return x / (1 + x)
+
+    for name, margin in (("b4", 4.0), ("b30", 30.0)):
+        got, masses = states[name]
+        for step, kind, off, m in masses:  # every softmax within its bound
+            assert off.max().item() <= eps_bound(margin, m) + 1e-7, (name, step, kind)
+        step0 = {kind: (off, m) for step, kind, off, m in masses if step == 0}
+        eps_w, eps_r = step0["write"][0].max().item(), step0["read"][0].max().item()
+        h_emb = cfgs[name].embed(inputs)
+        bound = eps_r * h_emb.abs().max().item() + (eps_r + eps_w) * got["h_pre"].abs().max().item()
+        dev = (got["h0"] - got["h_pre"]).abs().max().item()
+        assert dev <= bound * (1 + 1e-5) + 1e-6, (name, dev, bound)
+        if name == "b4":
+            assert dev > 0.05 * bound  # the bound is not vacuous: b = 4 really routes off-slot
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(logits["b30"], logits["base"]) <= 1e-6
+    assert rel(logits["b4"], logits["base"]) > 1e-3  # a finite margin starts near, not at, base
+    assert rel(logits["paper"], logits["base"]) > 0.1

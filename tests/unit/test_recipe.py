@@ -100,3 +100,23 @@ def test_load_alone_continues_the_recorded_recipe(tmp_path, capsys):
     assert resumed.train.save == str(tmp_path / "ck") and resumed.recipe == run.recipe
     longer = arguments.parse(["--load", str(tmp_path / "ck"), "--train-iters", "20"], world_size=1)
     assert longer.train.train_iters == 20 and longer.train.lr == 7e-4
+
+
+def test_mesh_router_init_is_a_recipe_key_and_a_flag(tmp_path, capsys):
+    """--mesh-router-init / --mesh-router-margin: in the resolved recipe, fed back unchanged,
+    the same ModelConfig from a recipe file as from the flags; bad values are one line."""
+    flags = ["--mesh-router-init", "base", "--mesh-router-margin", "6"]
+    out = print_config(flags, capsys)
+    assert (out["model"]["mesh_router_init"], out["model"]["mesh_router_margin"]) == ("base", 6.0)
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(out))
+    assert print_config(["--config", str(again)], capsys) == out
+    by_flags = arguments.parse(flags + ["--save", str(tmp_path / "a")], world_size=1).model
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  mesh_router_init: base\n  mesh_router_margin: 6.0\n")
+    by_file = arguments.parse(["--config", str(recipe), "--save", str(tmp_path / "a")], world_size=1).model
+    assert by_flags == by_file and by_flags.router_margin == 6.0
+    assert arguments.parse(["--save", str(tmp_path / "a")], world_size=1).model.mesh_router_init == "paper"
+    with pytest.raises(ConfigError, match="has no MeSH routers"):
+        arguments.parse(["--variant", "base", "--mesh-router-init", "base", "--save", str(tmp_path / "a")],
+                        world_size=1)
