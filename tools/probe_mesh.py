@@ -10,9 +10,15 @@ at the depths of --layout), averaged over sequences:
   CKA between all states          RBF kernel over the sequence's tokens, sigma = median pairwise
                                   token distance of that state (sigma^2 = median squared distance)
   spectrum of each state          top-50 singular values / the largest
+  state RMS                       sqrt(mean over tokens and channels of h^2) of each state
   MeSH routers                    mean write / read weight per step and slot
-Writes DIR/probe.json (keys states, relative_update, cka, spectrum, routers, ...) and
-relative_update.png, cka.png, spectrum.png, routers.png (MeSH). The model runs in fp32, the
+Writes DIR/probe.json (keys states, relative_update, cka, spectrum, state_rms, routers, ...)
+and relative_update.png, cka.png, spectrum.png, state_rms.png, routers.png (MeSH).
+
+  python tools/probe_mesh.py --init-only --out probe0/ -- --variant mesh --seed 1234   # iteration 0
+
+--init-only probes the model a `pretrain_mesh.py FLAGS` run starts from (its recipe, --seed
+and init flags, after `--`), built in this process: no checkpoint is needed. The model runs in fp32, the
 metrics in float64; training checkpoints of any TP/PP are merged first.
 """
 
@@ -24,8 +30,11 @@ import sys
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True,
+    p.add_argument("--load", default=None,
                    help="training checkpoint directory (pretrain_mesh.py --save) or Hugging Face directory")
+    p.add_argument("--init-only", action="store_true",
+                   help="probe the initialisation of the run whose pretrain_mesh.py flags follow `--` "
+                        "(instead of --load)")
     p.add_argument("--out", required=True, help="directory for probe.json and the plots (created; files replaced)")
     p.add_argument("--data-path", nargs="+", default=None,
                    help="indexed-dataset prefix(es) tokenized with the model's tokenizer (default: the "
@@ -40,7 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layout", default=None,
                    help="vanilla only: read states at the depths of this P+CrK+Q (default: every layer)")
     p.add_argument("--seed", type=int, default=1234, help="dataset shuffling seed (training's default)")
-    return p.parse_args(argv)
+    p.add_argument("run_flags", nargs=argparse.REMAINDER, help="with --init-only, after --: pretrain_mesh.py flags")
+    args = p.parse_args(argv)
+    if args.run_flags[:1] == ["--"]:
+        args.run_flags = args.run_flags[1:]
+    if args.init_only == bool(args.load):
+        p.error("give --load DIR (a saved model) or --init-only -- FLAGS (a run's initialisation), one of them")
+    if args.run_flags and not args.init_only:
+        p.error(f"unrecognized arguments: {' '.join(args.run_flags)} (pretrain_mesh.py flags go with --init-only)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -50,7 +67,8 @@ def main(argv=None) -> int:
 
     settings = ProbeSettings(samples=args.samples, seq_length=args.seq_length, batch_size=args.batch_size,
                              device=args.device, data_path=args.data_path, split=args.split, seed=args.seed,
-                             iteration=args.iteration, vanilla_layout=args.layout)
+                             iteration=args.iteration, vanilla_layout=args.layout,
+                             init_flags=args.run_flags if args.init_only else None)
     try:
         check_settings(settings)
         check_out_dir(args.out)
@@ -64,6 +82,7 @@ def main(argv=None) -> int:
           f"{data['seq_length']} tokens of the {data['source']}")
     print("relative update: " + ", ".join(f"{b['block']} {b['mean']:.3f}" for b in result["relative_update"]))
     names = result["states"]
+    print("state RMS: " + ", ".join(f"{r['state']} {r['mean']:.3f}" for r in result["state_rms"]))
     print("CKA of consecutive states: " + ", ".join(
         f"{a}~{b} {result['cka'][i][i + 1]:.3f}" for i, (a, b) in enumerate(zip(names, names[1:]))))
     if result["routers"]:

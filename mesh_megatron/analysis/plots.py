@@ -3,6 +3,7 @@
     relative_update.png   bar chart, one bar per block application (+- std over sequences)
     cka.png               heatmap of RBF-CKA between every pair of states
     spectrum.png          normalised singular values of each state, log scale
+    state_rms.png         RMS of each state along the loop (+- std over sequences)
     routers.png           MeSH only: mean write and read weight per step (rows) and slot (cols)
 
 Each file is drawn to a temporary name and renamed into place.
@@ -83,6 +84,19 @@ def plot_spectrum(result: dict[str, Any], path: str) -> str:
     return _save(fig, path)
 
 
+def plot_state_rms(result: dict[str, Any], path: str) -> str:
+    rows = result["state_rms"]
+    fig = Figure(figsize=(1.5 + 0.6 * len(rows), 3.2))
+    ax = fig.add_subplot()
+    x = list(range(len(rows)))
+    ax.errorbar(x, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], marker="o", capsize=3)
+    ax.set_xticks(x, [r["state"] for r in rows])
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("RMS over tokens and channels")
+    ax.set_title(_title(result, "state magnitude"))
+    return _save(fig, path)
+
+
 def plot_routers(result: dict[str, Any], path: str) -> str:
     routers = result["routers"]
     slots = [f"slot {b}" for b in range(routers["slots"])]
@@ -101,7 +115,8 @@ def plot_routers(result: dict[str, Any], path: str) -> str:
 def write_plots(result: dict[str, Any], out_dir: str) -> list[str]:
     paths = [plot_relative_update(result, os.path.join(out_dir, "relative_update.png")),
              plot_cka(result, os.path.join(out_dir, "cka.png")),
-             plot_spectrum(result, os.path.join(out_dir, "spectrum.png"))]
+             plot_spectrum(result, os.path.join(out_dir, "spectrum.png")),
+             plot_state_rms(result, os.path.join(out_dir, "state_rms.png"))]
     if result.get("routers"):
         paths.append(plot_routers(result, os.path.join(out_dir, "routers.png")))
     return paths

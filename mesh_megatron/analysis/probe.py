@@ -12,7 +12,10 @@
              top-50 singular values of each state; MeSH: mean router weights per step/slot
 
 probe.json keys: `states` (the order of every list below), `relative_update`, `cka`,
-`spectrum`, `routers` (null without MeSH), and `model`, `data`, `settings` describing the run.
+`spectrum`, `state_rms` (the RMS of each state over a sequence's tokens and channels, mean and
+std over sequences: how the state's magnitude changes along the loop), `routers` (null
+without MeSH), and `model`, `data`, `settings` describing the run. `--init-only` probes the
+initialisation of a run (iteration 0) instead of a saved model.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class ProbeSettings:
     spectrum_top: int = 50
     cka_scale: float = 1.0  # sigma = cka_scale x median pairwise token distance
     cache_dir: Optional[str] = None
+    init_flags: Optional[Sequence[str]] = None  # probe the initialisation of this pretrain_mesh.py run
 
 
 @dataclass
@@ -71,24 +75,49 @@ class ProbedModel:
 def _hf_model_of_training_checkpoint(load_dir: str, iteration: Optional[int]) -> ProbedModel:
     """The exporter's conversion (conversion/to_hf.py), kept in memory: merged TP/PP
     shards -> GPT-NeoX names -> the Hugging Face model, weights taken as they are."""
-    from mesh_megatron.conversion.to_hf import build_hf_model
-    from mesh_megatron.conversion.key_map import fold_embedding_multiplier, hf_config, training_to_hf
     from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state
 
     ckpt = open_checkpoint(load_dir, iteration)
-    state = training_to_hf(read_model_state(ckpt, dtype=torch.float32), ckpt.model)
-    vanilla = ckpt.model.variant == "vanilla"
+    tokenizer = ((ckpt.tokenizer_type or "sentencepiece", ckpt.tokenizer_file)
+                 if ckpt.tokenizer_file and os.path.isfile(ckpt.tokenizer_file) else None)
+    return _hf_model_of_state(ckpt.model, read_model_state(ckpt, dtype=torch.float32), ckpt.path, tokenizer,
+                              ckpt.iteration)
+
+
+def _hf_model_of_state(model_config, state: dict[str, Tensor], source: str, tokenizer, iteration) -> ProbedModel:
+    """Training weights (full names, fp32) -> the Hugging Face model the probe runs."""
+    from mesh_megatron.conversion.to_hf import build_hf_model
+    from mesh_megatron.conversion.key_map import fold_embedding_multiplier, hf_config, training_to_hf
+
+    state = training_to_hf(state, model_config)
+    vanilla = model_config.variant == "vanilla"
     if vanilla:
-        state = fold_embedding_multiplier(state, ckpt.model.embedding_multiplier)
+        state = fold_embedding_multiplier(state, model_config.embedding_multiplier)
     rows = state["gpt_neox.embed_in.weight"].shape[0]
-    config = hf_config(ckpt.model, rows, dtype=torch.float32)
-    model = build_hf_model(ckpt.model, state, config, ckpt.path)  # no random init: all from the checkpoint
+    config = hf_config(model_config, rows, dtype=torch.float32)
+    model = build_hf_model(model_config, state, config, source)  # no random init: all from the weights
     if vanilla:  # transformers' rotary tables are buffers, still on the meta device
         rotary = model.gpt_neox.rotary_emb
         model.gpt_neox.rotary_emb = type(rotary)(config=config)
-    tokenizer = ((ckpt.tokenizer_type or "sentencepiece", ckpt.tokenizer_file)
-                 if ckpt.tokenizer_file and os.path.isfile(ckpt.tokenizer_file) else None)
-    return ProbedModel(model.float().eval(), ckpt.path, ckpt.model.seq_length, rows, tokenizer, ckpt.iteration)
+    return ProbedModel(model.float().eval(), source, model_config.seq_length, rows, tokenizer, iteration)
+
+
+def model_at_init(run_flags: Sequence[str]) -> ProbedModel:
+    """The model a `pretrain_mesh.py RUN_FLAGS` run starts from (iteration 0): the same
+    per-name init (model/initialization.py, the run's --seed), built in this process at TP=1."""
+    from mesh_megatron.checkpoint.skeleton import is_ignored
+    from mesh_megatron.config import ExecutionConfig, ParallelConfig, to_transformer_config
+    from mesh_megatron.model import MeshGPTModel
+    from mesh_megatron.parallel.initialize import initialize_distributed
+    from mesh_megatron.training.arguments import initial_model, tokenizer_source
+
+    config, seed, data = initial_model(list(run_flags))
+    initialize_distributed(ParallelConfig())  # no-op when this process already has groups
+    model = MeshGPTModel(config, to_transformer_config(config), execution=ExecutionConfig(attention_backend="sdpa"),
+                         init_seed=seed)
+    state = {k: v.detach().float() for k, v in model.state_dict().items() if not is_ignored(k)}
+    return _hf_model_of_state(config, state, "initialisation of: pretrain_mesh.py " + " ".join(run_flags),
+                              tokenizer_source(data), 0)
 
 
 def load_model(path: str, iteration: Optional[int] = None) -> ProbedModel:
@@ -203,6 +232,7 @@ class _Accumulator:
         self.updates: list[Tensor] = []  # [b, blocks]
         self.cka: list[Tensor] = []  # [b, n, n]
         self.spectra: list[Tensor] = []  # [b, n, top]
+        self.rms: list[Tensor] = []  # [b, n]
         steps = len(reader.router_steps)
         self.write_sum = torch.zeros(steps, reader.slots, dtype=torch.float64)
         self.read_sum = torch.zeros(steps, reader.slots, dtype=torch.float64)
@@ -211,6 +241,8 @@ class _Accumulator:
     def add(self, capture) -> None:
         states = [x.float() for x in capture.states]  # [b, s, h] each
         b, s = states[0].shape[:2]
+        # RMS over the sequence's tokens and channels: sqrt(mean_{s,h} x^2), float64
+        self.rms.append(torch.stack([x.double().pow(2).mean(dim=(1, 2)).sqrt() for x in states], dim=-1).cpu())
         chunk = max(1, _KERNEL_ENTRIES // (s * s))
         for lo in range(0, b, chunk):
             part = [x[lo:lo + chunk] for x in states]
@@ -227,6 +259,7 @@ class _Accumulator:
 
     def result(self) -> dict[str, Any]:
         updates, cka, spectra = torch.cat(self.updates), torch.cat(self.cka), torch.cat(self.spectra)
+        rms = torch.cat(self.rms)
         reader = self.reader
         std = (lambda x: x.std(dim=0, correction=1)) if updates.shape[0] > 1 else (lambda x: torch.zeros_like(x[0]))
         routers = None
@@ -242,16 +275,24 @@ class _Accumulator:
             "cka": cka.mean(0).tolist(),
             "cka_std": std(cka).tolist(),
             "spectrum": spectra.mean(0).tolist(),
+            "state_rms": [{"state": name, "mean": float(m), "std": float(d)}
+                          for name, m, d in zip(reader.names, rms.mean(0), std(rms))],
             "routers": routers,
         }
 
 
 @torch.no_grad()
-def run_probe(load: str, settings: Optional[ProbeSettings] = None) -> dict[str, Any]:
-    """The probe.json content for the model at `load`."""
+def run_probe(load: Optional[str], settings: Optional[ProbeSettings] = None) -> dict[str, Any]:
+    """The probe.json content for the model at `load` (or, with settings.init_flags, at init)."""
     settings = settings or ProbeSettings()
     device = check_settings(settings)
-    probed = load_model(load, settings.iteration)
+    if settings.init_flags is not None:
+        if settings.iteration is not None:
+            raise ConfigError("--iteration and --init-only exclude each other: --init-only probes iteration 0 "
+                              "of the run its flags describe")
+        probed = model_at_init(settings.init_flags)
+    else:
+        probed = load_model(load, settings.iteration)
     seq_length = settings.seq_length or probed.seq_length
     if seq_length > probed.seq_length:
         raise ConfigError(f"--seq-length {seq_length} is longer than the {probed.seq_length} tokens the model "

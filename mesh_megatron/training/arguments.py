@@ -184,6 +184,29 @@ def _check_recorded_layout_fits(args, parallel: ParallelConfig, world: int) -> N
         "--pipeline-model-parallel-size M` and --load NEW_DIR with those sizes")
 
 
+def _fitted_model(args: argparse.Namespace, model: ModelConfig, parallel: ParallelConfig,
+                  world: int) -> tuple[ModelConfig, DataConfig]:
+    """The model with its vocabulary fitted to the run's tokenizer, validated, and the data."""
+    if args.data_path and not args.tokenizer_model:
+        raise ConfigError("--data-path needs --tokenizer-type and --tokenizer-model (the tokenizer "
+                          "the data was preprocessed with)")
+    model = _fit_vocab(model, run_tokenizer(data := DataConfig(
+        data_path=list(args.data_path), split=args.split, tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model, cache_dir=args.data_cache_dir)), args.config, parallel,
+        args.model_fields)
+    validate(model, parallel, world)
+    return model, data
+
+
+def initial_model(argv: list[str]) -> tuple[ModelConfig, int, DataConfig]:
+    """(model, init seed, data) of the run these pretrain_mesh.py flags start, as one process
+    builds it (TP = PP = 1), without the run's --save/--load checks: what a model is at
+    iteration 0 (tools/probe_mesh.py --init-only)."""
+    args = recipe.resolve_args(build_parser, argv)
+    model, data = _fitted_model(args, _model_config(args), ParallelConfig(), 1)
+    return model, args.seed, data
+
+
 def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
     """Flags -> RunConfig, every cheap check done. Raises ConfigError with one clear line."""
     from mesh_megatron.parallel.deepspeed_config import finalize_ds_config, load_ds_config, resolve_batch
@@ -204,14 +227,7 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
     model = _model_config(args)
     if args.print_config:
         raise SystemExit(recipe.print_config(build_parser(), args, model, parallel, world))
-    if args.data_path and not args.tokenizer_model:
-        raise ConfigError("--data-path needs --tokenizer-type and --tokenizer-model (the tokenizer "
-                          "the data was preprocessed with)")
-    model = _fit_vocab(model, run_tokenizer(data := DataConfig(
-        data_path=list(args.data_path), split=args.split, tokenizer_type=args.tokenizer_type,
-        tokenizer_model=args.tokenizer_model, cache_dir=args.data_cache_dir)), args.config, parallel,
-        args.model_fields)
-    validate(model, parallel, world)
+    model, data = _fitted_model(args, model, parallel, world)
     build_layout(model, parallel.pipeline_chunks, parallel.pipeline_split)  # refuses bad splits
     dp = world // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)
 

@@ -41,7 +41,7 @@ def test_tp2_probe_equals_tp1_probe_of_the_same_weights(megatron_single, tmp_pat
     sharded = json.loads((out / "probe.json").read_text())
     assert {"states", "relative_update", "cka", "spectrum", "routers"} <= set(sharded)
     assert sorted(p.name for p in out.glob("*.png")) == ["cka.png", "relative_update.png", "routers.png",
-                                                          "spectrum.png"]
+                                                          "spectrum.png", "state_rms.png"]
     merged = run_probe(str(tp1), ProbeSettings(samples=4, batch_size=4))
 
     def numbers(result):

@@ -19,7 +19,7 @@ from mesh_megatron.conversion.to_hf import export_to_hf
 from mesh_megatron.config import VARIANTS, ConfigError
 from test_export import ROOT, SEQ, random_model, save_like_training, tiny, token_ids
 
-KEYS = ("states", "relative_update", "cka", "spectrum", "routers")
+KEYS = ("states", "relative_update", "cka", "spectrum", "state_rms", "routers")
 SMALL = dict(samples=4, batch_size=2)
 
 
@@ -136,6 +136,8 @@ def check_result(result, n_states, routers):
     assert n == n_states and len(result["relative_update"]) == n - 1
     assert len(result["cka"]) == n and all(len(row) == n for row in result["cka"])
     assert len(result["spectrum"]) == n
+    assert [r["state"] for r in result["state_rms"]] == result["states"]
+    assert all(r["mean"] > 0 and math.isfinite(r["std"]) for r in result["state_rms"])
     values = [b["mean"] for b in result["relative_update"]] + sum(result["cka"], []) + sum(result["spectrum"], [])
     assert all(math.isfinite(v) for v in values)
     assert all(abs(result["cka"][i][i] - 1) < 1e-9 for i in range(n))
@@ -179,7 +181,7 @@ def test_probe_cli_on_checkpoint_equals_probe_of_its_export(megatron_single, tmp
     assert cli.main(["--load", str(tmp_path / "ckpt"), "--out", str(out), "--samples", "4", "--batch-size", "2"]) == 0
     printed = capsys.readouterr().out
     assert "relative update: prelude" in printed and "wrote" in printed
-    for name in ("relative_update.png", "cka.png", "spectrum.png", "routers.png"):
+    for name in ("relative_update.png", "cka.png", "spectrum.png", "state_rms.png", "routers.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     from_ckpt = json.loads((out / "probe.json").read_text())
     check_result(from_ckpt, 5, routers=True)
@@ -219,7 +221,7 @@ def test_vanilla_layout_reads_the_matched_depths(megatron_single, tmp_path):
                       atol=1e-6)
     paths = write_probe(grouped, str(tmp_path / "out"))
     assert sorted(os.path.basename(p) for p in paths) == ["cka.png", "probe.json", "relative_update.png",
-                                                          "spectrum.png"]
+                                                          "spectrum.png", "state_rms.png"]
 
 
 def test_base_probe_has_no_routers(megatron_single, tmp_path):
@@ -258,3 +260,47 @@ def test_probe_on_cuda_equals_cpu(megatron_single, tmp_path):
     cuda = run_probe(str(tmp_path / "ckpt"), ProbeSettings(device="cuda", **SMALL))
     assert cuda["settings"]["device"] == "cuda"
     assert_same_probe(cuda, cpu, atol=1e-4)  # fp32 forward: kernels differ, not the math
+
+
+def test_state_rms_at_init_equals_the_training_model_and_the_uniform_router_prediction(megatron_single, tmp_path):
+    """`--init-only`: the probe's state RMS (via the Hugging Face model) equals sqrt(mean h^2) of
+    the training model's own states (`observe=`), at iteration 0 of the run the flags describe.
+
+    At the paper's router init the routers are near uniform (r_b = 1/B + a_b, w_b = 1/B + c_b,
+    sum a = sum c = 0), so h0 = r_0 h_emb + (r . w) h_pre with r . w = 1/B + sum_b a_b c_b:
+    h0 = (h_emb + h_pre) / B + e, |e| <= d_r |h_emb| + B d_r d_w |h_pre| per token (d = max |a|,
+    max |c|), and so |RMS(h0) - RMS((h_emb + h_pre) / B)| <= d_r RMS(h_emb) + B d_r d_w RMS(h_pre)."""
+    from mesh_megatron.analysis.probe import held_out_tokens, model_at_init
+    from mesh_megatron.model import MeshGPTModel
+    from mesh_megatron.config import preset, to_transformer_config
+
+    flags = ["--variant", "mesh", "--seed", "77"]
+    settings = ProbeSettings(samples=4, batch_size=4, init_flags=flags)
+    result = run_probe(None, settings)
+    assert result["model"]["iteration"] == 0 and result["model"]["source"].startswith("initialisation of")
+    tokens, _ = held_out_tokens(model_at_init(flags), settings, result["data"]["seq_length"])
+
+    cfg = preset("tiny", "mesh", seq_length=result["data"]["seq_length"])
+    model = MeshGPTModel(cfg, to_transformer_config(cfg), init_seed=77).eval()
+    seen, routed = {}, {}
+    sp = model.block.state_passing
+    sp.write_routers[0].register_forward_hook(lambda m, i, o: routed.__setitem__("w", o))
+    sp.read_routers[0].register_forward_hook(lambda m, i, o: routed.__setitem__("r", o))
+    with torch.no_grad():
+        h_emb = model.embed(tokens)
+        model(tokens, observe=lambda name, h: seen.__setitem__(name, h))  # states [s, b, h]
+    seen["h_emb"] = h_emb
+    rms = lambda x: x.double().pow(2).mean(dim=(0, 2)).sqrt()  # noqa: E731  per sequence, [b]
+
+    probed = {r["state"]: r["mean"] for r in result["state_rms"]}
+    for probe_name, name in (("h_emb", "h_emb"), ("h0", "h0"), ("h_1", "h1"), ("h_2", "h2")):
+        assert probed[probe_name] == pytest.approx(rms(seen[name]).mean().item(), rel=1e-5), probe_name
+
+    B = cfg.slots
+    a, c = routed["r"] - 1 / B, routed["w"] - 1 / B  # [s, b, B] deviations from uniform
+    # e = h0 - (h_emb + h_pre) / B = a_0 h_emb + (sum_b a_b c_b) h_pre, per token ([s, b, 1] factors)
+    a0, ac = a[..., :1], (a * c).sum(-1, keepdim=True)
+    bound = rms(a0.abs() * seen["h_emb"].abs() + ac.abs() * seen["h_pre"].abs()).mean().item()
+    predicted = rms((seen["h_emb"] + seen["h_pre"]) / B).mean().item()
+    assert abs(probed["h0"] - predicted) <= bound
+    assert bound < 0.25 * predicted  # near uniform: h0 is about (h_emb + h_pre) / B
