@@ -91,8 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     f"of {', '.join(VARIANTS)}")
         args.arms[label] = (words[0], words[1:])
         args.variants.append(label)
-    if bad or len(args.variants) < 2:
-        p.error(f"--variants: need two or more arms of {', '.join(VARIANTS)}" + (f"; unknown: {', '.join(bad)}" if bad else ""))
+    if bad or not args.variants:
+        p.error(f"--variants: need one or more of {', '.join(VARIANTS)} (or an --arm)"
+                + (f"; unknown: {', '.join(bad)}" if bad else ""))
     try:
         args.tokens = sorted({int(float(t)) for t in args.tokens.split(",") if t.strip()})
     except ValueError:
