@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mesh-slots", type=int, default=None, help="MeSH buffer slots B (default K+3)")
     m.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
     m.add_argument("--hidden-dropout", type=float, default=0.0,
-                   help="dropout on the output of each attention and MLP branch (Megatron's flag); 0 as the "
-                        "paper trains")
+                   help="dropout on the embeddings and on the output of each attention and MLP branch "
+                        "(Megatron's flag); 0 as the paper trains")
     m.add_argument("--attention-dropout", type=float, default=0.0,
                    help="dropout on the attention probabilities (Megatron's flag); 0 as the paper trains")
 
