@@ -84,7 +84,11 @@ def test_recompute_equals_none_with_dropout(megatron_single, variant, recompute)
     # Dropout on: recompute must replay the same masks (megatron's RNG-aware checkpoint).
     kw = dict(hidden_dropout=0.1, attention_dropout=0.1)
     ref = run(build(variant, ExecutionConfig(recompute="none"), **kw))
-    got = run(build(variant, ExecutionConfig(recompute=recompute), **kw))
+    model = build(variant, ExecutionConfig(recompute=recompute), **kw)
+    got = run(model)
+    # recompute really reran the forward in backward: 1+2R2+1 as 4 blocks (prelude, 2 core
+    # iterations, coda) under `loop`, else its 6 layer applications (vanilla has no loop)
+    assert model.block.recomputed == (4 if recompute == "loop" and variant != "vanilla" else 6)
     assert_close(got[1], ref[1], 1e-6)
     # Recompute changes the order in which the several uses of a state add up its gradient
     # (inside the checkpointed block first, then the routers): fp32 rounding of activation
