@@ -21,9 +21,12 @@ def test_quick_ablation_writes_results_and_resumes(tmp_path):
     out, runs = tmp_path / "out", tmp_path / "runs"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "ablate.py"), "--quick", "--out", str(out),
            "--runs-dir", str(runs)]
+    # One thread per run under any --jobs (--jobs 2 on its own would give each run cores / 2, --jobs 1
+    # the default): another thread count reorders floating-point sums (1e-7 of a loss measured).
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     # --keep-last 2 (for every run, after --): the step-2 checkpoint stays, for the interruption below.
     first = subprocess.run(cmd + ["--jobs", "2", "--", "--keep-last", "2"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=600)
+                           text=True, timeout=600, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert {"results.json", "results.md", "loss_vs_tokens.png", "recipe.yaml"} <= set(os.listdir(out))
     assert open(out / "loss_vs_tokens.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -50,7 +53,7 @@ def test_quick_ablation_writes_results_and_resumes(tmp_path):
     # Rerun: the finished base run is not repeated (no new log lines); mesh is made an
     # interrupted run (killed during step 3: latest is the step-2 checkpoint, nothing logged
     # after step 2, no done.json) and continues from that checkpoint. Under --jobs 1 (the
-    # first run had --jobs 2: two runs of one thread each) the results are the same, exactly.
+    # first run had --jobs 2; one thread per run both times) the results are the same, exactly.
     base_log = (runs / "base-s1234" / "log.jsonl").read_text()
     mesh = runs / "mesh-s1234"
     os.remove(mesh / "done.json")
@@ -58,7 +61,8 @@ def test_quick_ablation_writes_results_and_resumes(tmp_path):
     (mesh / "ckpt" / "latest").write_text("iter_0000002")
     kept = [line for line in open(mesh / "log.jsonl") if json.loads(line)["step"] <= 2]
     (mesh / "log.jsonl").write_text("".join(kept))
-    again = subprocess.run(cmd + ["--jobs", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd + ["--jobs", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier, not repeated") == 1
     assert "mesh seed 1234: continuing from" in again.stdout
