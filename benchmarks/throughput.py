@@ -167,6 +167,10 @@ class Trainee:
         builder = build_hf if name == HF else build_mesh
         self.model = builder(cfg, args, self.dtype, attention_of(args, name))
         self.model.train()
+        from mesh_megatron.model.attention import core_attention_names
+
+        # what the row really ran (an --attention-backend name resolved to the wrong kernel shows here)
+        self.core_attention = ",".join(core_attention_names(self.model)) or None  # None: HF GPTNeoX
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.num_params = sum(p.numel() for p in self.params)
         # fp32 masters under bf16 (DeepSpeed's bf16 optimizer); the params themselves in fp32.
@@ -351,7 +355,7 @@ def row(args, name: str, cfg: ModelConfig, t: Optional[Trainee], status: str, ac
         "flops_per_token": training_flops_per_token(cfg, args.seq_length),
         "tokens_per_s": None, "step_s": None, "tflops": None, "mfu": None,
         "activation_gib": act / GIB if act is not None else None,
-        "peak_mem_gib": None, "final_loss": None,
+        "peak_mem_gib": None, "final_loss": None, "core_attention": t.core_attention if t else None,
     }
     if t is not None and status == "ok" and t.times:
         step = statistics.median(t.times)

@@ -315,7 +315,8 @@ def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
     _validate_router_init(model, layout)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(model, name) < 1.0:
-            raise ConfigError(f"{name}={getattr(model, name)} must be in [0, 1)")
+            raise ConfigError(f"{name}={getattr(model, name)} must be in [0, 1) (--{name.replace('_', '-')}: "
+                              "the probability of dropping a unit; 0 turns dropout off)")
     if model.vocab_size <= 0 or model.seq_length <= 0:
         raise ConfigError("vocab_size and seq_length must be positive")
 

@@ -12,7 +12,8 @@ fork of it that then runs exactly as `python SCRIPT ARGS` would:
     it (SystemExit code, 1 on an uncaught exception, -signal when killed).
 Nothing has run a parallel region or started a thread before the fork (checked: the server
 refuses to start with more than one OS thread), so the children are as clean as a fresh
-interpreter. The real launchers (`deepspeed`, `torchrun`) and `tools/ablate.py` are still
+interpreter. CUDA is the exception a fork cannot carry: the server is only started where torch
+sees no CUDA device (tests/launch.py), and refuses to serve if the imports initialised CUDA. The real launchers (`deepspeed`, `torchrun`) and `tools/ablate.py` are still
 tested as fresh interpreters; MESH_TEST_FORKSERVER=0 runs every script that way.
 
 Protocol (AF_UNIX SOCK_SEQPACKET, one connection per child): the client sends one JSON
@@ -121,6 +122,10 @@ def serve(path: str) -> None:
             pass
     if _threads() != 1:  # a fork would copy locks held by threads that do not exist in the child
         raise SystemExit(f"forkserver: {_threads()} threads after the imports; not forking")
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a forked child cannot use it
+        raise SystemExit("forkserver: the imports initialised CUDA; not forking (run on a machine without "
+                         "a visible GPU, or MESH_TEST_FORKSERVER=0)")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path + ".tmp")
     listener.listen(64)

@@ -9,7 +9,10 @@ Two hazards of a hand-rolled launcher are avoided:
 A rank that fails stops the others at once instead of leaving them blocked in a collective.
 
 Scripts start through tests/forkserver.py (a fork of an interpreter that has already imported
-torch, megatron-core and DeepSpeed: ~10 s less per process) unless MESH_TEST_FORKSERVER=0.
+torch, megatron-core and DeepSpeed: ~10 s less per process) unless MESH_TEST_FORKSERVER=0 or
+the machine shows a CUDA device: CUDA does not survive fork, and `import deepspeed` in the
+server initialises it (its accelerator probe calls torch.cuda.is_available()), so there every
+script is a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -26,10 +29,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SERVER = None
 
 
+def cuda_visible() -> bool:
+    """Whether torch sees a CUDA device here (asked in this process, which never forks a
+    script without exec; the fork server is never started where this is True)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _forkserver():
     """The session's fork server, started on first use (None when disabled or unavailable)."""
     global _SERVER
-    if _SERVER is None and os.environ.get("MESH_TEST_FORKSERVER", "1") != "0" and sys.platform == "linux":
+    if _SERVER is None and os.environ.get("MESH_TEST_FORKSERVER", "1") != "0" and sys.platform == "linux" \
+            and not cuda_visible():
         import atexit
 
         from forkserver import ForkServer

@@ -113,6 +113,14 @@ def resolve_attention_backend(name: str) -> str:
     return name
 
 
+def core_attention_names(model: torch.nn.Module) -> list[str]:
+    """Class names of the core attention the model's layers really hold (sorted, distinct):
+    what a backend name resolved to, for logs and tests (DotProductAttention is `local`)."""
+    from megatron.core.transformer.attention import Attention
+
+    return sorted({type(m.core_attention).__name__ for m in model.modules() if isinstance(m, Attention)})
+
+
 def backend_provider(name: str) -> BackendSpecProvider:
     """The layer spec provider for an attention backend name (auto/te/sdpa/local)."""
     name = resolve_attention_backend(name)

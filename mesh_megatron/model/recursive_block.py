@@ -55,6 +55,7 @@ class RecursiveBlock(MegatronModule):
         super().__init__(config=tf_config)
         self.model_config = config
         self.recompute = recompute
+        self.recomputed = 0  # forwards rerun in backward under recompute (the trainer reports it)
         layout = config.parsed_layout
         self.loops = layout.loops
         self.core_layers = layout.core
@@ -93,10 +94,20 @@ class RecursiveBlock(MegatronModule):
             return self._layers(layers, h, rotary_pos_emb, attention_mask)
         if self.recompute == "layer" or not self.core_layers:  # vanilla has no loop: per layer
             for layer in layers:
-                h = tensor_parallel.checkpoint(layer, False, h, rotary_pos_emb, attention_mask)
+                h = tensor_parallel.checkpoint(self._counted(layer), False, h, rotary_pos_emb, attention_mask)
             return h
         return tensor_parallel.checkpoint(
-            lambda x, rot, mask: self._layers(layers, x, rot, mask), False, h, rotary_pos_emb, attention_mask)
+            self._counted(lambda x, rot, mask: self._layers(layers, x, rot, mask)), False, h, rotary_pos_emb,
+            attention_mask)
+
+    def _counted(self, run: Callable) -> Callable:
+        """`run`, counting its reruns: megatron's checkpoint calls it under no_grad in forward
+        and again with grad enabled in backward (the recomputation)."""
+        def counted(*args):
+            if torch.is_grad_enabled():
+                self.recomputed += 1
+            return run(*args)
+        return counted
 
     def forward(self, hidden: Tensor, h_emb: Optional[Tensor], rotary_pos_emb: Tensor,
                 attention_mask: Optional[Tensor] = None, observe: Optional[StateObserver] = None) -> Tensor:

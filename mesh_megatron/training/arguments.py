@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mesh-router-margin", type=float, default=None,
                    help=f"--mesh-router-init base: the bias on each step's own slot (default {MESH_ROUTER_MARGIN})")
     m.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
+    m.add_argument("--hidden-dropout", type=float, default=0.0,
+                   help="dropout on the embeddings and on the output of each attention and MLP branch "
+                        "(Megatron's flag); 0 as the paper trains")
+    m.add_argument("--attention-dropout", type=float, default=0.0,
+                   help="dropout on the attention probabilities (Megatron's flag); 0 as the paper trains")
 
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel ranks (megatron-core)")

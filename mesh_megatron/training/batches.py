@@ -7,6 +7,10 @@
 
 The loader only moves *when* samples are read (ahead, in worker processes) never *which*:
 step i's micro-batches are those of `micro_batch_indices(i, ...)`, so resume stays exact.
+It also never draws from torch's global generator: every DataLoader iterator takes a base
+seed for its workers from `loader.generator` (the global one when None), and a resumed run
+creates its iterator *after* restoring the RNG states, so that draw would shift every
+dropout mask after a resume. The loader has its own generator, seeded from the run's seed.
 """
 
 from __future__ import annotations
@@ -43,9 +47,11 @@ class StepSampler(Sampler[list[int]]):
 def train_loader(dataset, train: TrainingConfig, dp_rank: int, dp_size: int, first_step: int,
                  device: torch.device, num_workers: int) -> DataLoader:
     """Host-side batches of this rank from `first_step` on, read ahead by `num_workers`."""
+    # Own generator (module docstring): the workers' base seed; collate draws nothing.
+    generator = torch.Generator().manual_seed(train.seed + first_step)
     return DataLoader(dataset, batch_sampler=StepSampler(train, dp_rank, dp_size, len(dataset), first_step),
                       collate_fn=collate_samples, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=4 if num_workers else None, persistent_workers=False)
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False, generator=generator)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

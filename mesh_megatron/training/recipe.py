@@ -1,7 +1,7 @@
 """Recipes: one YAML file that holds a whole run (model, training, parallel, data...).
 
     model:      preset, variant, layout, mesh_slots, mesh_router_init, mesh_router_margin,
-                seq_length + any ModelConfig field
+                seq_length, hidden_dropout, attention_dropout + any ModelConfig field
     training:   lr, min_lr, lr_warmup_fraction, weight_decay, adam_*, clip_grad, batch sizes,
                 train_iters, precision (fp32|bf16|fp16), seed, nan_policy
     parallel:   tensor/pipeline sizes, pipeline_split, ds_config
@@ -32,8 +32,9 @@ SECTIONS = {"model": "model", "parallelism": "parallel", "training": "training",
 # Flags that steer this one invocation, not the run: never read from or written to a recipe.
 NOT_RECIPE = {"help", "config", "load", "print_config", "local_rank", "deepspeed", "exit_interval",
               "exit_duration_in_mins", "overwrite_save"}
-# Model flags that are also ModelConfig fields (mesh_slots, ...) go through the flags.
-FIELD_FLAGS = ("mesh_slots", "mesh_router_init", "mesh_router_margin", "seq_length")
+# Model flags that are also ModelConfig fields (mesh_slots, dropout, ...) go through the flags.
+FIELD_FLAGS = ("mesh_slots", "mesh_router_init", "mesh_router_margin", "seq_length", "hidden_dropout",
+               "attention_dropout")
 MODEL_FLAGS = ("preset", "variant", "layout", *FIELD_FLAGS)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -221,7 +222,7 @@ def resolve_args(build_parser: Callable[[], argparse.ArgumentParser], argv=None)
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The ModelConfig of resolved args: a preset plus overrides, or a complete field set."""
     fields = dict(getattr(args, "model_fields", {}))
-    flags = {k: getattr(args, k) for k in FIELD_FLAGS if getattr(args, k) is not None}
+    flags = {k: getattr(args, k) for k in FIELD_FLAGS if getattr(args, k, None) is not None}
     if getattr(args, "model_full", False):
         fields.update(variant=args.variant, **({"layout": args.layout} if args.layout else {}), **flags)
         try:

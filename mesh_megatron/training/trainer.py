@@ -239,6 +239,11 @@ class Trainer:
             f"ZeRO stage {self.run.ds_config.get('zero_optimization', {}).get('stage', 0)}; {t.precision}")
         history: dict[str, float] = {}
         window_start, window_iters = time.time(), 0
+        from mesh_megatron.model.attention import core_attention_names
+
+        ex = self.run.execution
+        self.sinks.print(f"execution: attention {ex.attention_backend} "
+                         f"({', '.join(core_attention_names(self.engine.module))}); recompute {ex.recompute}")
         if self.pipelined:
             header = ("pipeline stages (by compute):" if self.virtual == 1 else
                       f"pipeline model chunks (by compute; chunk c runs on pipeline rank c % "
@@ -288,6 +293,11 @@ class Trainer:
             if checkpoints.save_dir and t.save_interval and self.iteration % t.save_interval == 0 \
                     and self.iteration != t.train_iters:
                 self._save(checkpoints)
+        if ex.recompute != "none":
+            from mesh_megatron.model.recursive_block import RecursiveBlock
+
+            reruns = sum(m.recomputed for m in self.engine.module.modules() if isinstance(m, RecursiveBlock))
+            self.sinks.print(f"recompute {ex.recompute}: {reruns} block forwards rerun in backward on rank 0")
         if checkpoints.save_dir:
             self._save(checkpoints)
         return history

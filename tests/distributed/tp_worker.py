@@ -45,7 +45,9 @@ def main(variant: str, out_dir: str, backend: str = "auto") -> None:
     loss.backward()
     grads = gather_state({n: p.grad for n, p in model.named_parameters()}, model, tp_group)
     if torch.distributed.get_rank() == 0:
-        torch.save({"logits": logits, "loss": loss.detach(), "grads": grads},
+        from mesh_megatron.model.attention import core_attention_names
+
+        torch.save({"logits": logits, "loss": loss.detach(), "grads": grads, "core": core_attention_names(model)},
                    os.path.join(out_dir, f"result_{variant}{'' if backend == 'auto' else '_' + backend}_tp{world}.pt"))
     destroy()
 

@@ -1,4 +1,5 @@
-"""On a CUDA device: attention backends, bf16, recompute and a DeepSpeed run (benchmarks/gpu_check.sh).
+"""On a CUDA device: attention backends (and the class each builds), bf16, recompute with
+dropout, the probe, and a DeepSpeed run (benchmarks/gpu_check.sh).
 
 Skipped without CUDA. fp32 comparisons run with TF32 off, so kernels differ only by
 reduction order: sdpa (memory-efficient / cuDNN kernels in fp32) vs local (explicit
@@ -38,7 +39,7 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def build(variant, dtype=torch.float32, **execution):
+def build(variant, dtype=torch.float32, dropout=0.0, **execution):
     from mesh_megatron.config import ExecutionConfig, ModelConfig, to_transformer_config
     from mesh_megatron.model import MeshGPTModel
     from mesh_megatron.parallel.initialize import set_seed
@@ -47,7 +48,7 @@ def build(variant, dtype=torch.float32, **execution):
     # tiny width, 4 heads of 32 (head dim 32: a size every sdpa kernel takes), seq 256.
     layout = "6" if variant == "vanilla" else "1+2R2+1"
     cfg = ModelConfig(hidden_size=128, num_attention_heads=4, layout=layout, variant=variant,
-                      vocab_size=512, seq_length=256)
+                      vocab_size=512, seq_length=256, hidden_dropout=dropout, attention_dropout=dropout)
     model = MeshGPTModel(cfg, to_transformer_config(cfg, params_dtype=dtype),
                          execution=ExecutionConfig(**execution), init_seed=0)
     return model.to(device="cuda", dtype=dtype), cfg  # as DeepSpeed's bf16 engine casts it
@@ -59,7 +60,13 @@ def tokens(cfg, batch=2):
     return t[:, :-1].cuda(), t[:, 1:].cuda()
 
 
-def loss_and_grads(model, x, y):
+def loss_and_grads(model, x, y, seed=None):
+    """`seed`: reseed every generator first (set_seed: CPU, CUDA and megatron's CUDA RNG
+    tracker), so two models draw the same dropout masks."""
+    from mesh_megatron.parallel.initialize import set_seed
+
+    if seed is not None:
+        set_seed(seed)
     model.zero_grad(set_to_none=True)
     loss = model(x, labels=y).mean()
     loss.backward()
@@ -76,8 +83,12 @@ def assert_grads_close(g1, g2, rtol):
 
 @pytest.mark.parametrize("variant", ["vanilla", "base", "mesh"])
 def test_sdpa_matches_local_on_cuda(megatron_single, variant):
+    from mesh_megatron.model.attention import core_attention_names
+
     sdpa, cfg = build(variant, attention_backend="sdpa")
     local, _ = build(variant, attention_backend="local")
+    # two kernels really run, not one twice
+    assert (core_attention_names(sdpa), core_attention_names(local)) == (["SDPAttention"], ["DotProductAttention"])
     x, y = tokens(cfg)
     with torch.no_grad():
         a, b = sdpa(x), local(x)
@@ -88,14 +99,53 @@ def test_sdpa_matches_local_on_cuda(megatron_single, variant):
     assert_grads_close(ga, gb, 1e-4)
 
 
+def test_auto_and_te_build_transformer_engine_attention(megatron_single):
+    """`auto` is Transformer Engine's core attention where it imports, else sdpa."""
+    from mesh_megatron.model.attention import core_attention_names, transformer_engine_available
+
+    auto, _ = build("mesh", attention_backend="auto")
+    if transformer_engine_available():
+        te, _ = build("mesh", attention_backend="te")
+        assert core_attention_names(te) == core_attention_names(auto) == ["TEDotProductAttention"]
+    else:
+        assert core_attention_names(auto) == ["SDPAttention"]
+
+
+def test_probe_on_cuda_equals_cpu(megatron_single, tmp_path):
+    """tools/probe_mesh.py's probe on CUDA gives the CPU numbers (fp32: kernels differ, not the math)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "unit"))
+    from test_export import random_model, save_like_training, tiny
+    from test_probe import SMALL, assert_same_probe
+
+    from mesh_megatron.analysis.probe import ProbeSettings, run_probe
+
+    cfg = tiny("mesh")
+    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
+    cpu = run_probe(str(tmp_path / "ckpt"), ProbeSettings(device="cpu", **SMALL))
+    cuda = run_probe(str(tmp_path / "ckpt"), ProbeSettings(device="cuda", **SMALL))
+    assert cuda["settings"]["device"] == "cuda"
+    assert_same_probe(cuda, cpu, atol=1e-4)
+
+
 @pytest.mark.parametrize("recompute", ["loop", "layer"])
 @pytest.mark.parametrize("variant", ["base", "mesh"])
 def test_recompute_matches_none_on_cuda(megatron_single, variant, recompute):
-    ref, cfg = build(variant, attention_backend="sdpa", recompute="none")
-    rec, _ = build(variant, attention_backend="sdpa", recompute=recompute)
+    """Dropout 0.1 (hidden and attention): the recomputed forward must replay the masks of
+    the first, which on CUDA means megatron's checkpoint restoring the CUDA generator and the
+    CUDA RNG tracker (sdpa's attention dropout draws inside its fork)."""
+    from mesh_megatron.model.recursive_block import RecursiveBlock
+
+    ref, cfg = build(variant, dropout=0.1, attention_backend="sdpa", recompute="none")
+    rec, _ = build(variant, dropout=0.1, attention_backend="sdpa", recompute=recompute)
     x, y = tokens(cfg)
-    l1, g1 = loss_and_grads(ref, x, y)
-    l2, g2 = loss_and_grads(rec, x, y)
+    l1, g1 = loss_and_grads(ref, x, y, seed=5)
+    l2, g2 = loss_and_grads(rec, x, y, seed=5)
+    # recompute really ran: 1+2R2+1 reruns prelude, 2 core iterations and coda as 4 blocks
+    # (loop), or its 6 layer applications one by one (layer)
+    assert sum(m.recomputed for m in rec.modules() if isinstance(m, RecursiveBlock)) == {"loop": 4, "layer": 6}[recompute]
+    # dropout is really on: another seed, another loss
+    other, _ = loss_and_grads(ref, x, y, seed=6)
+    assert abs(other.item() - l1.item()) > 1e-4
     assert abs(l1.item() - l2.item()) <= 1e-6 * abs(l1.item())
     # rel 1e-6 against the model's largest gradient entry (the rule of the CPU test,
     # tests/unit/test_execution.py): cancelling router-bias sums are judged by the size of

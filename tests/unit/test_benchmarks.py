@@ -79,6 +79,8 @@ def test_throughput_vs_attention_times_both_kernels_in_one_run(megatron_single, 
         # (the last of 3 steps, after two AdamW updates from gradients equal to 1e-5).
         assert abs(by[v]["final_loss"] - by[f"{v}@local"]["final_loss"]) <= 1e-4
     assert by["mesh@local"]["vs_attention"] is None
+    for v in ("base", "mesh"):  # two kernels really ran
+        assert (by[v]["core_attention"], by[f"{v}@local"]["core_attention"]) == ("SDPAttention", "DotProductAttention")
     assert "| vs base | vs vanilla | vs @local |" in open(tmp_path / "throughput.md").read()
 
 

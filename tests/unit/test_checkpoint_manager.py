@@ -188,3 +188,24 @@ def test_preemption_flag_signal_and_duration(megatron_single):
     assert signal.getsignal(signal.SIGINT) is before
     assert Preemption(exit_duration_in_mins=0.0).should_stop(1) == "time"
     assert Preemption(exit_duration_in_mins=60.0).should_stop(1) is None
+
+
+def test_exit_duration_counts_from_process_start(megatron_single):
+    """A real budget, counted from when the process started (as a scheduler's time limit
+    counts imports and setup): 1 minute is up for a process that started 61 s ago and not for
+    one that started now; and process_start_time() is this process's start (from /proc), not
+    the time of the call: a child that imports torch first reports a start before its import."""
+    import subprocess
+    import sys
+    import time
+
+    from mesh_megatron.training.preemption import Preemption
+
+    assert Preemption(exit_duration_in_mins=1.0, start_time=time.time() - 61).should_stop(1) == "time"
+    assert Preemption(exit_duration_in_mins=1.0, start_time=time.time()).should_stop(1) is None
+    launched = time.time()
+    child = subprocess.run([sys.executable, "-c", "import time, torch\nt = time.time()\n"
+                            "from mesh_megatron.training.preemption import process_start_time\n"
+                            "print(process_start_time(), t)"], capture_output=True, text=True, timeout=300)
+    started, after_import = map(float, child.stdout.split())
+    assert launched - 0.05 <= started < after_import  # /proc's start is in clock ticks (10 ms)

@@ -69,3 +69,22 @@ def test_kill_from_the_caller(tmp_path):
         assert proc.poll() is None
         proc.kill()
         assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def test_no_fork_server_where_cuda_is_visible(script, tmp_path, monkeypatch):
+    """CUDA does not survive fork and the server's `import deepspeed` initialises it: with a
+    CUDA device visible, scripts run as fresh interpreters and no server is started."""
+    import subprocess
+
+    import forkserver
+    import launch
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launch, "_SERVER", None)
+    monkeypatch.setattr(forkserver, "ForkServer",
+                        lambda *args, **kwargs: pytest.fail("a fork server was started with CUDA visible"))
+    with open(tmp_path / "out", "w+") as out:
+        proc = start_script(script, ["0"], dict(os.environ), out, cwd=str(tmp_path))
+        assert isinstance(proc, subprocess.Popen) and proc.wait(timeout=120) == 0
+    assert launch._SERVER is None

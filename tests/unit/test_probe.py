@@ -251,17 +251,6 @@ def test_bad_inputs_each_give_one_clear_error(megatron_single, tmp_path):
             run_probe(load, settings)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_probe_on_cuda_equals_cpu(megatron_single, tmp_path):
-    cfg = tiny("mesh")
-    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
-    cpu = run_probe(str(tmp_path / "ckpt"), ProbeSettings(device="cpu", **SMALL))
-    cuda = run_probe(str(tmp_path / "ckpt"), ProbeSettings(device="cuda", **SMALL))
-    assert cuda["settings"]["device"] == "cuda"
-    assert_same_probe(cuda, cpu, atol=1e-4)  # fp32 forward: kernels differ, not the math
-
-
 def test_state_rms_at_init_equals_the_training_model_and_the_uniform_router_prediction(megatron_single, tmp_path):
     """`--init-only`: the probe's state RMS (via the Hugging Face model) equals sqrt(mean h^2) of
     the training model's own states (`observe=`), at iteration 0 of the run the flags describe.

@@ -120,3 +120,23 @@ def test_mesh_router_init_is_a_recipe_key_and_a_flag(tmp_path, capsys):
     with pytest.raises(ConfigError, match="has no MeSH routers"):
         arguments.parse(["--variant", "base", "--mesh-router-init", "base", "--save", str(tmp_path / "a")],
                         world_size=1)
+
+
+def test_print_config_fed_back_resolves_the_same_run(tmp_path, capsys):
+    """--print-config's YAML, given back as --config, resolves to the same run: every field of
+    the RunConfig (model, parallel, training, data, logging and execution dataclasses, the
+    ds_config, the recipe), not only the same text."""
+    argv = ["--variant", "anchor_emb", "--layout", "2+1R3+1", "--seq-length", "64", "--hidden-dropout", "0.1",
+            "--attention-dropout", "0.05", "--lr", "7e-4", "--min-lr", "7e-5", "--lr-warmup-fraction", "0.1",
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "12", "--clip-grad", "0.5",
+            "--adam-eps", "1e-6", "--seed", "7", "--bf16", "--recompute", "loop", "--attention-backend", "local",
+            "--nan-policy", "skip", "--ds_config", "examples/zero1.json", "--save", str(tmp_path / "ck"),
+            "--save-interval", "4", "--keep-last", "3", "--eval-interval", "3", "--eval-iters", "2",
+            "--log-interval", "2", "--sample-tokens", "5", "--log-jsonl", str(tmp_path / "log.jsonl")]
+    direct = arguments.parse(argv, world_size=1)
+    path = tmp_path / "printed.yaml"
+    path.write_text(yaml.safe_dump(print_config(argv, capsys)))
+    again = arguments.parse(["--config", str(path)], world_size=1)
+    assert direct.model.hidden_dropout == 0.1 and direct.execution.recompute == "loop"  # the flags took
+    for field in dataclasses.fields(direct):
+        assert getattr(again, field.name) == getattr(direct, field.name), field.name
