@@ -195,7 +195,7 @@ def test_probe_cli_on_checkpoint_equals_probe_of_its_export(megatron_single, tmp
     capsys.readouterr()
     assert cli.main(["--load", str(tmp_path / "ckpt"), "--out", str(tmp_path / "file")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: --out {tmp_path / 'file'} is a file: pass a directory"]
+        f"error: --out {tmp_path / 'file'}: is a file, not a directory; pass a directory path"]
 
 
 def test_vanilla_layout_reads_the_matched_depths(megatron_single, tmp_path):
