@@ -143,9 +143,18 @@ def export_to_hf(load_dir: str, out_dir: str, iteration: Optional[int] = None,
         if ckpt.tokenizer_file and os.path.isfile(ckpt.tokenizer_file):
             tok = export_tokenizer(ckpt.tokenizer_type or "sentencepiece", ckpt.tokenizer_file, tmp,
                                    ckpt.model.seq_length)
-        model_type = save_hf_model(ckpt.model, hf_state, tmp,
-                                   bos_token_id=tok.bos_token_id if tok else None,
-                                   eos_token_id=tok.eos_token_id if tok else None,
-                                   pad_token_id=tok.pad_token_id if tok else None)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:  # save_pretrained's own "Writing model shards" bar too
+            hf_logging.disable_progress_bar()
+        try:
+            model_type = save_hf_model(ckpt.model, hf_state, tmp,
+                                       bos_token_id=tok.bos_token_id if tok else None,
+                                       eos_token_id=tok.eos_token_id if tok else None,
+                                       pad_token_id=tok.pad_token_id if tok else None)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
     return ExportReport(out_dir=out_dir, source=ckpt.path, model_type=model_type, tensors=len(hf_state),
                         dtype=hf_state["gpt_neox.embed_in.weight"].dtype, tokenizer=tok)
