@@ -286,7 +286,3 @@ def write_text(path: str, text: str, flag: str) -> None:
             os.fsync(f.fileno())
 
 
-def is_partial(name: str, of: Optional[str] = None) -> bool:
-    """True for a leftover OUT.partial-PID (of `of`, if given)."""
-    base, sep, pid = name.rpartition(PARTIAL)
-    return bool(sep) and pid.isdigit() and (of is None or base == of)

@@ -79,8 +79,9 @@ def read_recipe(path: str) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, .
     """{section: {key: value}} of a recipe file, and the line of each key (for messages)."""
     import yaml
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file")
+    from mesh_megatron.paths import check_input_file
+
+    check_input_file(path, "--config", "pass a YAML recipe (examples/configs/*.yaml)")
     text = open(path).read()
     try:
         data = yaml.safe_load(text)

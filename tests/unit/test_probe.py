@@ -235,7 +235,7 @@ def test_bad_inputs_each_give_one_clear_error(megatron_single, tmp_path):
     save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
     ckpt = str(tmp_path / "ckpt")
     cases = [
-        (str(tmp_path / "nothing"), ProbeSettings(), "no such directory"),
+        (str(tmp_path / "nothing"), ProbeSettings(), "nothing: does not exist"),
         (str(tmp_path), ProbeSettings(), "holds neither a training checkpoint"),
         (ckpt, ProbeSettings(seq_length=SEQ * 2), "longer than the 32 tokens"),
         (ckpt, ProbeSettings(vanilla_layout="1+2R2+1"), "for vanilla models only"),
