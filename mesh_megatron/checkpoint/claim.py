@@ -35,11 +35,17 @@ class SaveClaim:
 
     def acquire(self) -> Optional[str]:
         """Take the claim: None when it is ours (or locks are unsupported), else the refusal."""
-        if not os.path.isdir(self.save_dir):
-            os.makedirs(self.save_dir, exist_ok=True)
-            self._created_dir = True
+        try:
+            if not os.path.isdir(self.save_dir):
+                os.makedirs(self.save_dir, exist_ok=True)
+                self._created_dir = True
+        except OSError as e:
+            return f"--save {self.save_dir}: cannot be created ({e.strerror}); pass a directory you can write to"
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                return f"--save {self.save_dir}: cannot write {CLAIM} there ({e.strerror}); pass a directory you can write to"
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
