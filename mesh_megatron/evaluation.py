@@ -21,9 +21,10 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def check_model_dir(model_dir: str) -> None:
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise ConfigError(f"--model-dir {model_dir} holds no config.json: pass a directory written by "
-                          "tools/convert_to_hf.py")
+    """config.json parses and the weights files are whole (paths.check_hf_dir), before any load."""
+    from mesh_megatron.paths import check_hf_dir
+
+    check_hf_dir(model_dir, "--model-dir", "pass a directory written by tools/convert_to_hf.py")
 
 
 def default_device() -> str:

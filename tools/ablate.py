@@ -257,8 +257,9 @@ def summarize(args, runs: list[dict], steps: dict[int, int], tokens_per_step: in
     loss = {(r["variant"], r["seed"], r["budget"]): r["valid_loss"] for r in records}
     seeds = sorted({r["seed"] for r in runs})
     # paired differences to base: mesh, anchor, then every --arm
+    arms = getattr(args, "arms", {})
     diffs = [v for v in ("mesh", "anchor", *args.variants) if "base" in args.variants and v in args.variants
-             and (v in ("mesh", "anchor") or args.arms[v] != (v, []))]
+             and (v in ("mesh", "anchor") or arms.get(v, (v, [])) != (v, []))]
     diffs = list(dict.fromkeys(diffs))
     lines = ["| tokens | " + " | ".join(args.variants) + " | " + " | ".join(f"{v} - base" for v in diffs) + " |"]
     lines.append("|" + "---|" * (1 + len(args.variants) + len(diffs)))
@@ -331,15 +332,46 @@ def plot(args, runs: list[dict], tokens_per_step: int, steps: dict[int, int], pa
                  "mean over seeds (band: min-max)", fontsize=10)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
+    from mesh_megatron.paths import atomic_file
+
+    with atomic_file(path, "--out") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    from mesh_megatron.paths import write_text
+
+    write_text(path, text, "--out")
+
+
+def check_paths(args, text: str) -> None:
+    """--out and --runs-dir can be written (an existing --out only if it is this ablation's,
+    to resume it), and every input the runs will read exists: before any run starts."""
+    from mesh_megatron.config import ConfigError
+    from mesh_megatron.data.datasets import parse_blend
+    from mesh_megatron.data.validation import inspect_indexed_dataset
+    from mesh_megatron.paths import check_input_file, check_json_file, check_output_dir
+
+    check_output_dir(args.out, "--out", existing_ok=True, in_place=True)
+    check_output_dir(args.runs_dir, "--runs-dir", existing_ok=True, in_place=True)
+    recipe_path = os.path.join(args.out, "recipe.yaml")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.isfile(recipe_path):
+        raise ConfigError(f"--out {args.out}: is not empty and holds no recipe.yaml (not an ablation's output); "
+                          "pass a new directory, or the --out of the ablation to resume")
+    if os.path.isfile(recipe_path) and open(recipe_path).read() != text and \
+            os.path.isdir(args.runs_dir) and any(os.scandir(args.runs_dir)):
+        raise ConfigError(f"--out {args.out}: its recipe.yaml holds another recipe than these flags and "
+                          f"{args.runs_dir} has runs of it; use a new --out/--runs-dir, or the same flags to resume")
+    check_json_file(args.ds_config, "--ds-config", "pass a DeepSpeed JSON config")
+    if args.tokenizer_model:
+        check_input_file(args.tokenizer_model, "--tokenizer-model", "pass the tokenizer the data was "
+                         "preprocessed with")
+    for prefix in parse_blend(args.data_path)[0] if args.data_path else []:
+        try:
+            inspect_indexed_dataset(prefix)
+        except ValueError as e:
+            raise ConfigError(f"--data-path: {e}") from None
 
 
 def main(argv=None) -> int:
@@ -348,17 +380,18 @@ def main(argv=None) -> int:
     import yaml
 
     from mesh_megatron.config import ConfigError
+    from mesh_megatron.paths import fail
 
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(args.runs_dir, exist_ok=True)
     shared = recipe(args)
     recipe_path = os.path.join(args.out, "recipe.yaml")
     text = yaml.safe_dump(shared, sort_keys=False)
-    if os.path.exists(recipe_path) and open(recipe_path).read() != text and \
-            any(os.scandir(args.runs_dir)):
-        raise SystemExit(f"error: {recipe_path} holds another recipe than these flags and {args.runs_dir} "
-                         "has runs of it: use a new --out/--runs-dir, or the same flags to resume")
-    write_atomic(recipe_path, text)
+    try:
+        check_paths(args, text)
+        os.makedirs(args.out, exist_ok=True)
+        os.makedirs(args.runs_dir, exist_ok=True)
+        write_atomic(recipe_path, text)
+    except ConfigError as e:
+        return fail(e)
     # Every variant must build and fit before hours of training start.
     from mesh_megatron.training import arguments
 
@@ -375,8 +408,7 @@ def main(argv=None) -> int:
             if e.code not in (0, None):
                 return 2
         except ConfigError as e:
-            print(f"error: arm {label}: {e}", file=sys.stderr)
-            return 2
+            return fail(f"arm {label}: {e}")
     tokens_per_step = shared["training"]["global_batch_size"] * shared["model"]["seq_length"]
     interval, steps = schedule(args, tokens_per_step)
     train_iters = max(steps.values())
@@ -393,9 +425,14 @@ def main(argv=None) -> int:
                            "points": [{"tokens": int(k) * tokens_per_step, "valid_loss": val}
                                       for k, val in sorted(r["evals"].items(), key=lambda kv: int(kv[0]))]}
                           for r in runs]}
-    write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1))
-    write_atomic(os.path.join(args.out, "results.md"), md + f"\nCommand: `{command}`\n")
-    plot(args, runs, tokens_per_step, steps, os.path.join(args.out, "loss_vs_tokens.png"))
+    # Each file whole or not at all (written beside it, renamed into place); results.json is the
+    # record, results.md and the plot are derived from it.
+    try:
+        write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1))
+        write_atomic(os.path.join(args.out, "results.md"), md + f"\nCommand: `{command}`\n")
+        plot(args, runs, tokens_per_step, steps, os.path.join(args.out, "loss_vs_tokens.png"))
+    except ConfigError as e:
+        return fail(e)
     print(md)
     print(f"[ablate] wrote {args.out}/results.json, results.md, loss_vs_tokens.png")
     return 0

@@ -37,13 +37,17 @@ def main(argv=None) -> int:
 
     import os
 
-    from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state
+    from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state, verify_checkpoint
     from mesh_megatron.checkpoint.reshard import optimizer_files, write_universal_checkpoint
-    from mesh_megatron.checkpoint.writer import check_separate, prepare_output_dir, write_training_checkpoint
+    from mesh_megatron.checkpoint.writer import write_training_checkpoint
     from mesh_megatron.config import ConfigError, ParallelConfig, validate
     from mesh_megatron.parallel.pipeline_layout import build_layout, parse_split
+    from mesh_megatron.paths import atomic_dir, check_output_dir, check_separate, fail
 
     try:
+        # Cheap checks first: where the output goes, then the source's metadata and layout.
+        check_separate(args.save, args.load, "--save")
+        check_output_dir(args.save, "--save", force=args.force)
         ckpt = open_checkpoint(args.load, args.iteration)
         split = parse_split(args.pipeline_split)
         tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -57,25 +61,32 @@ def main(argv=None) -> int:
         if not args.weights_only and not optimizer_files(ckpt):
             raise ConfigError(f"{ckpt.path} holds no ZeRO-1/2 optimizer shards (a ZeRO-0 run or an import), so "
                               "only its weights can move: pass --weights-only")
+        # Every file this conversion reads matches its SHA-256, or nothing is written: the
+        # output's manifest must never certify a damaged source.
+        verified = verify_checkpoint(ckpt, weights_only=args.weights_only)
         state = read_model_state(ckpt)
         rows = state["embedding.word_embeddings.weight"].shape[0]
         if config.padded_vocab_size(tp) != rows:
             raise ConfigError(f"the checkpoint's {rows} vocabulary rows do not pad evenly for TP={tp} "
                               f"(vocab {config.vocab_size} -> {config.padded_vocab_size(tp)}): choose a TP "
                               f"size whose 128 x TP multiple gives {rows}")
-        check_separate(args.save, args.load, "--save")
-        prepare_output_dir(args.save, args.force, "--save")
         tokenizer = (ckpt.tokenizer_type, ckpt.tokenizer_file) if ckpt.tokenizer_file else None
-        if not args.weights_only:
-            write_universal_checkpoint(ckpt, args.save, parallel, tokenizer)
-        else:
-            write_training_checkpoint(args.save, config, state, tensor_parallel_size=tp,
-                                      pipeline_model_parallel_size=pp, pipeline_split=split, tokenizer=tokenizer,
-                                      source={"converted_from": os.path.abspath(args.load),
-                                              "iteration": ckpt.iteration})
+        with atomic_dir(args.save, "--save") as tmp:
+            if not args.weights_only:
+                del state  # re-read with the optimizer
+                write_universal_checkpoint(ckpt, tmp, parallel, tokenizer, verified=verified,
+                                           final_dir=args.save)
+            else:
+                write_training_checkpoint(tmp, config, state, tensor_parallel_size=tp,
+                                          pipeline_model_parallel_size=pp, pipeline_split=split,
+                                          tokenizer=tokenizer, manifest=verified,
+                                          source={"converted_from": os.path.abspath(args.load),
+                                                  "iteration": ckpt.iteration})
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
+    if not verified:
+        print(f"warning: {ckpt.path} has no manifest.json (saved before manifests): its checksums could not "
+              f"be checked, so {args.save} gets no manifest either", file=sys.stderr)
     what = (f"weights only (iteration {ckpt.iteration} -> 0)" if args.weights_only else
             f"weights, optimizer, LR schedule, data position and RNG at iteration {ckpt.iteration}")
     print(f"wrote {args.save} for TP={tp} PP={pp}, {what}: continue with pretrain_mesh.py --load {args.save} "

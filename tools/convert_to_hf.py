@@ -27,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="export this iteration instead of the one 'latest' points at")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the exported weights (default: the dtype the checkpoint stores)")
-    p.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out (only once the new export is complete)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -36,13 +37,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mesh_megatron.conversion.to_hf import export_to_hf
     from mesh_megatron.config import ConfigError
+    from mesh_megatron.paths import fail
 
     try:
         report = export_to_hf(args.load, args.out, iteration=args.iteration, dtype=args.dtype,
                               force=args.force, progress=not args.quiet)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     remote = report.model_type != "gpt_neox"
     print(f"exported {report.source} -> {report.out_dir}: {report.model_type}, {report.tensors} tensors, "
           f"{str(report.dtype).replace('torch.', '')}")

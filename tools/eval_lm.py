@@ -44,7 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="documents per task: an integer count, or a fraction below 1 (for quick checks)")
     p.add_argument("--include-path", action="append", default=None,
                    help="directory of extra task YAMLs (repeatable)")
-    p.add_argument("--output", default=None, help="write all results (lm-eval's dict + perplexity) to this JSON")
+    p.add_argument("--output", default=None,
+                   help="write all results (lm-eval's dict + perplexity) to this JSON (checked before any "
+                        "evaluation; written whole)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output file")
     p.add_argument("--offline", action="store_true",
                    help="never touch the network (sets HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype to run the model in")
@@ -106,9 +109,13 @@ def main(argv=None) -> int:
         os.environ["HF_DATASETS_OFFLINE"] = "1"
     from mesh_megatron import evaluation
     from mesh_megatron.config import ConfigError
+    from mesh_megatron.paths import atomic_file, check_output_file, fail
 
     out: dict = {"model_dir": args.model_dir}
     try:
+        check_inputs(args, evaluation)
+        if args.output:
+            check_output_file(args.output, "--output", force=args.force)
         if args.suite == "paper":
             out["paper"] = run_paper(args, evaluation)
         if args.perplexity_data:
@@ -133,17 +140,39 @@ def main(argv=None) -> int:
                 from lm_eval.utils import make_table
 
                 print(make_table(results))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.output:
-        from lm_eval.utils import handle_non_serializable
+        if args.output:
+            from lm_eval.utils import handle_non_serializable
 
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=2, default=handle_non_serializable)
+            with atomic_file(args.output, "--output") as tmp, open(tmp, "w") as f:
+                json.dump(out, f, indent=2, default=handle_non_serializable)
+    except ConfigError as e:
+        return fail(e)
+    if args.output:
         print(f"wrote {args.output}")
     return 0
+
+
+def check_inputs(args, evaluation) -> None:
+    """Every input named on the command line, before the model or any dataset is loaded:
+    the model directory (config.json parses, weights files whole), the tokenizer file, the
+    indexed datasets and task directories."""
+    from mesh_megatron.config import ConfigError
+    from mesh_megatron.data.datasets import parse_blend
+    from mesh_megatron.data.validation import inspect_indexed_dataset
+    from mesh_megatron.paths import check_input_dir, check_input_file
+
+    evaluation.check_model_dir(args.model_dir)
+    if args.tokenizer_model:
+        check_input_file(args.tokenizer_model, "--tokenizer-model", "pass the tokenizer file the data was "
+                         "preprocessed with")
+    for flag, data in (("--perplexity-data", args.perplexity_data), ("--pile-data", args.pile_data)):
+        for prefix in parse_blend(data)[0] if data else []:
+            try:
+                inspect_indexed_dataset(prefix)
+            except ValueError as e:
+                raise ConfigError(f"{flag}: {e}") from None
+    for path in args.include_path or []:
+        check_input_dir(path, "--include-path", "pass a directory of lm-eval task YAMLs")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     from mesh_megatron.config import PRESETS, VARIANTS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", help=f"model shape: one of {', '.join(PRESETS)}")
-    p.add_argument("--variant", default="mesh", help=f"state passing: one of {', '.join(VARIANTS)}")
+    p.add_argument("--preset", default=None, help=f"model shape: one of {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--variant", default=None, help=f"state passing: one of {', '.join(VARIANTS)} (default mesh)")
     p.add_argument("--layout", default=None,
                    help="recursion layout P+CrK+Q (e.g. 3+6R3+3); default: the preset's first")
     p.add_argument("--config", default=None,
-                   help="YAML model config (fields of ModelConfig, or 'preset:' plus overrides); "
-                        "overrides --preset/--variant/--layout")
+                   help="YAML recipe or model config (as pretrain_mesh.py --config: read and validated the "
+                        "same way); --preset/--variant/--layout given here override it")
     p.add_argument("--seq-length", type=int, default=None,
                    help="sequence length for the attention FLOPs term (default: the preset's)")
     p.add_argument("--pipeline", type=int, default=None,
@@ -35,8 +35,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def recipe_model(args: argparse.Namespace):
+    """The model of --config exactly as pretrain_mesh.py resolves it (training/recipe.py)."""
+    from mesh_megatron.paths import check_input_file
+    from mesh_megatron.training import recipe
+    from mesh_megatron.training.arguments import build_parser
+
+    check_input_file(args.config, "--config", "pass a YAML recipe or model config")
+    argv = ["--config", args.config]
+    for flag in ("preset", "variant", "layout"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", getattr(args, flag)]
+    return recipe.model_config(recipe.resolve_args(build_parser, argv))
+
+
 def summarize(args: argparse.Namespace) -> dict:
-    from mesh_megatron.config import load_model_config, preset, to_transformer_config, validate
+    from mesh_megatron.config import preset, to_transformer_config, validate
     from mesh_megatron.model import MeshGPTModel
     from mesh_megatron.model.accounting import ParameterCounts, training_flops_per_token
     from mesh_megatron.parallel.initialize import initialize_distributed
@@ -44,9 +58,9 @@ def summarize(args: argparse.Namespace) -> dict:
     from mesh_megatron.parallel.pipeline_layout import build_layout
 
     if args.config:
-        cfg = load_model_config(args.config)
+        cfg = recipe_model(args)
     else:
-        cfg = preset(args.preset, args.variant, args.layout)
+        cfg = preset(args.preset or "tiny", args.variant or "mesh", args.layout)
     validate(cfg)
     initialize_distributed(ParallelConfig())
     with torch.device("meta"):
@@ -75,8 +89,9 @@ def main(argv=None) -> int:
     try:
         summary = summarize(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from mesh_megatron.paths import fail
+
+        return fail(e)
     if args.json:
         print(json.dumps(summary))
         return 0

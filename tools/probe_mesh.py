@@ -35,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-only", action="store_true",
                    help="probe the initialisation of the run whose pretrain_mesh.py flags follow `--` "
                         "(instead of --load)")
-    p.add_argument("--out", required=True, help="directory for probe.json and the plots (created; files replaced)")
+    p.add_argument("--out", required=True, help="new or empty directory for probe.json and the plots")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out (only once the new outputs are complete)")
     p.add_argument("--data-path", nargs="+", default=None,
                    help="indexed-dataset prefix(es) tokenized with the model's tokenizer (default: the "
                         "embedded corpus)")
@@ -62,8 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mesh_megatron.analysis.probe import ProbeSettings, check_out_dir, check_settings, run_probe, write_probe
+    from mesh_megatron.analysis.probe import ProbeSettings, check_settings, run_probe, write_probe
     from mesh_megatron.config import ConfigError
+    from mesh_megatron.paths import check_output_dir, check_separate, fail
 
     settings = ProbeSettings(samples=args.samples, seq_length=args.seq_length, batch_size=args.batch_size,
                              device=args.device, data_path=args.data_path, split=args.split, seed=args.seed,
@@ -71,12 +74,13 @@ def main(argv=None) -> int:
                              init_flags=args.run_flags if args.init_only else None)
     try:
         check_settings(settings)
-        check_out_dir(args.out)
+        if args.load:
+            check_separate(args.out, args.load, "--out")
+        check_output_dir(args.out, "--out", force=args.force)
         result = run_probe(args.load, settings)
         paths = write_probe(result, args.out)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     model, data = result["model"], result["data"]
     print(f"probed {model['variant']} {model['layout']} ({model['source']}) on {data['samples']} x "
           f"{data['seq_length']} tokens of the {data['source']}")

@@ -75,9 +75,10 @@ class ProbedModel:
 def _hf_model_of_training_checkpoint(load_dir: str, iteration: Optional[int]) -> ProbedModel:
     """The exporter's conversion (conversion/to_hf.py), kept in memory: merged TP/PP
     shards -> GPT-NeoX names -> the Hugging Face model, weights taken as they are."""
-    from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state
+    from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state, verify_checkpoint
 
     ckpt = open_checkpoint(load_dir, iteration)
+    verify_checkpoint(ckpt, weights_only=True)  # SHA-256 of what is read, as resume does
     tokenizer = ((ckpt.tokenizer_type or "sentencepiece", ckpt.tokenizer_file)
                  if ckpt.tokenizer_file and os.path.isfile(ckpt.tokenizer_file) else None)
     return _hf_model_of_state(ckpt.model, read_model_state(ckpt, dtype=torch.float32), ckpt.path, tokenizer,
@@ -125,11 +126,12 @@ def load_model(path: str, iteration: Optional[int] = None) -> ProbedModel:
     (holds config.json), as an fp32 Hugging Face model on the CPU."""
     from mesh_megatron.checkpoint.manager import LATEST
 
-    if not os.path.isdir(path):
-        raise ConfigError(f"--load {path}: no such directory; pass a checkpoint directory (pretrain_mesh.py "
-                          "--save) or a Hugging Face directory (tools/convert_to_hf.py --out)")
+    from mesh_megatron.paths import check_hf_dir, check_input_dir
+
+    fix = "pass a checkpoint directory (pretrain_mesh.py --save) or a Hugging Face directory (tools/convert_to_hf.py --out)"
+    check_input_dir(path, "--load", fix)
     config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.lexists(config_path):
         if not os.path.exists(os.path.join(path, LATEST)):
             raise ConfigError(f"--load {path} holds neither a training checkpoint ('{LATEST}' + iter_*/) nor a "
                               "Hugging Face model (config.json): pass the --save directory of a run that saved, "
@@ -141,8 +143,7 @@ def load_model(path: str, iteration: Optional[int] = None) -> ProbedModel:
 
     from mesh_megatron.conversion.from_hf import find_tokenizer
 
-    with open(config_path) as f:
-        config = json.load(f)
+    config = check_hf_dir(path, "--load", fix)  # config.json parses, weights files whole
     if config.get("model_type") not in ("gpt_neox", "mesh_gpt_neox"):
         raise ConfigError(f"--load {path} is a {config.get('model_type')!r} model: the probe reads GPT-NeoX / "
                           "Pythia models and this project's exports (mesh_gpt_neox)")
@@ -215,11 +216,6 @@ def check_settings(settings: ProbeSettings) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no GPU: use --device cpu")
     return device
-
-
-def check_out_dir(out_dir: str) -> None:
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"--out {out_dir} is a file: pass a directory")
 
 
 class _Accumulator:
@@ -319,17 +315,15 @@ def run_probe(load: Optional[str], settings: Optional[ProbeSettings] = None) -> 
     return result
 
 
-def write_probe(result: dict[str, Any], out_dir: str) -> list[str]:
-    """probe.json and the plots into `out_dir` (created); each file written whole, then
-    renamed into place. Returns the paths written."""
+def write_probe(result: dict[str, Any], out_dir: str, flag: str = "--out") -> list[str]:
+    """probe.json and the plots, written into a temporary sibling of `out_dir` and renamed
+    onto it once all are complete (paths.atomic_dir). Returns the paths as they end up."""
     from mesh_megatron.analysis.plots import write_plots
+    from mesh_megatron.paths import atomic_dir
 
-    check_out_dir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, PROBE_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-    return [path, *write_plots(result, out_dir)]
+    with atomic_dir(out_dir, flag) as tmp:
+        with open(os.path.join(tmp, PROBE_FILE), "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        written = [os.path.join(tmp, PROBE_FILE), *write_plots(result, tmp)]
+    return [os.path.join(out_dir, os.path.relpath(p, tmp)) for p in written]

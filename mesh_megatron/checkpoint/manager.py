@@ -125,8 +125,8 @@ def tag_problem(load_dir: str, tag: str, checksums: bool = False) -> Optional[st
     meta = _read_json(os.path.join(tag_dir, CONFIG_FILE))
     if meta is None:
         return f"its {CONFIG_FILE} is missing or unreadable (the save did not finish)"
-    if "run_id" not in meta:  # an import (writer.py) or an older save: nothing recorded to check
-        return None
+    if "run_id" not in meta and not os.path.isfile(os.path.join(tag_dir, MANIFEST)):
+        return None  # an older save or import without a manifest: nothing recorded to check
     return verify_manifest(tag_dir, checksums)
 
 
@@ -175,16 +175,9 @@ def check_save_dir(save: Optional[str], load: Optional[str], overwrite: bool) ->
     does not hold another run's checkpoints unless it is also --load or --overwrite-save."""
     if not save:
         return
-    if os.path.exists(save) and not os.path.isdir(save):
-        raise ConfigError(f"--save {save} is a file, not a directory: pass a directory path")
-    existing = os.path.abspath(save)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(f"--save {save} cannot be created: {existing} is a file; pass another directory path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--save {save} is not writable ({existing} denies write access): "
-                          "pass a directory you can write to")
+    from mesh_megatron.paths import check_output_dir
+
+    check_output_dir(save, "--save", existing_ok=True, in_place=True)  # a file, under a file, read-only
     if holds_checkpoints(save) and not same_dir(save, load) and not overwrite:
         latest = _latest_tag(save)
         what = f"latest {latest}" if latest else ", ".join(_tags(save)[-3:])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 22
@@ -45,8 +45,10 @@ def build_manifest(tag_dir: str, run_id: str, iteration: int, skip: set[str]) ->
     return {"run_id": run_id, "iteration": iteration, "files": files}
 
 
-def verify_manifest(tag_dir: str, checksums: bool) -> Optional[str]:
-    """None if every listed file is there with its size (and checksum); else what is wrong."""
+def verify_manifest(tag_dir: str, checksums: bool, only: Optional[Iterable[str]] = None) -> Optional[str]:
+    """None if every listed file is there with its size (and checksum); else what is wrong.
+    `only`: the files (relative to the tag) whose checksums are compared; sizes are always
+    checked for every file."""
     path = os.path.join(tag_dir, MANIFEST)
     if not os.path.isfile(path):
         return f"it has no {MANIFEST} (the save did not finish)"
@@ -55,6 +57,10 @@ def verify_manifest(tag_dir: str, checksums: bool) -> Optional[str]:
             files = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"its {MANIFEST} is unreadable ({type(e).__name__})"
+    summed = set(files) if only is None else set(only)
+    unlisted = sorted(summed - set(files)) if checksums else []
+    if unlisted:
+        return f"its {MANIFEST} does not list {unlisted[0]}"
     for rel, want in sorted(files.items()):
         full = os.path.join(tag_dir, rel)
         if not os.path.isfile(full):
@@ -62,6 +68,6 @@ def verify_manifest(tag_dir: str, checksums: bool) -> Optional[str]:
         size = os.path.getsize(full)
         if size != want["size"]:
             return f"{rel} is {size} bytes, the manifest says {want['size']} (truncated or overwritten)"
-        if checksums and sha256_of(full) != want["sha256"]:
+        if checksums and rel in summed and sha256_of(full) != want["sha256"]:
             return f"{rel} does not match its SHA-256 in the manifest (corrupt)"
     return None

@@ -87,10 +87,14 @@ def _model_config(data: dict[str, Any], source: str) -> ModelConfig:
     return ModelConfig(**data)
 
 
-def open_checkpoint(load_dir: str, iteration: Optional[int] = None) -> TrainingCheckpoint:
-    """The checkpoint `latest` points at, or the given iteration; nothing is loaded yet."""
+def open_checkpoint(load_dir: str, iteration: Optional[int] = None, flag: str = "--load") -> TrainingCheckpoint:
+    """The checkpoint `latest` points at, or the given iteration; nothing is loaded yet
+    (sizes are checked against the manifest; `verify_checkpoint` compares checksums)."""
+    from mesh_megatron.paths import check_input_dir
+
+    check_input_dir(load_dir, flag, "pass the --save directory of a training run")
     if iteration is None:
-        tag = read_latest(load_dir, flag="checkpoint directory")
+        tag = read_latest(load_dir, flag=flag)
     else:
         tag = tag_for(iteration)
         if not os.path.isfile(os.path.join(load_dir, tag, CONFIG_FILE)):
@@ -116,6 +120,39 @@ def open_checkpoint(load_dir: str, iteration: Optional[int] = None) -> TrainingC
     return TrainingCheckpoint(load_dir=load_dir, tag=tag, iteration=int(meta.get("iteration", 0)),
                               model=model, parallel=parallel, tokenizer_type=tokenizer.get("type"),
                               tokenizer_file=tok_file, meta=meta)
+
+
+def verify_checkpoint(ckpt: TrainingCheckpoint, flag: str = "--load", weights_only: bool = False) -> bool:
+    """Check `ckpt` against its manifest as resume does: every file's size, and the SHA-256 of
+    every file (`weights_only`: of the files a weights reader opens, the model-states files and
+    the tokenizer). True when checked; False for a checkpoint that has no manifest (saved
+    before manifests existed, or an older import). A damaged file is one ConfigError line."""
+    from mesh_megatron.checkpoint.manifest import MANIFEST, verify_manifest
+
+    if not os.path.isfile(os.path.join(ckpt.path, MANIFEST)):
+        if "run_id" in ckpt.meta:  # a run's save always has one
+            raise ConfigError(f"{flag} {ckpt.load_dir}: checkpoint {ckpt.tag} has no {MANIFEST} (the save did "
+                              f"not finish); " + _other_iteration(ckpt))
+        return False
+    only = None
+    if weights_only:
+        only = [shard_name(pp * ckpt.tp + tp) for tp in range(ckpt.tp) for pp in range(ckpt.pp)]
+        if ckpt.tokenizer_file:
+            only.append(os.path.relpath(ckpt.tokenizer_file, ckpt.path))
+    problem = verify_manifest(ckpt.path, checksums=True, only=only)
+    if problem:
+        raise ConfigError(f"{flag} {ckpt.load_dir}: checkpoint {ckpt.tag} is damaged ({problem}); "
+                          + _other_iteration(ckpt))
+    return True
+
+
+def _other_iteration(ckpt: TrainingCheckpoint) -> str:
+    from mesh_megatron.checkpoint.manager import previous_loadable
+
+    prev = previous_loadable(ckpt.load_dir, ckpt.tag)
+    if prev is None:
+        return "re-copy it; no earlier checkpoint there is complete"
+    return f"re-copy it, or pass --iteration {int(prev[5:])} (the previous complete checkpoint)"
 
 
 def _load_shard(path: str) -> dict[str, Tensor]:

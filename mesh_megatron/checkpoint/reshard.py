@@ -183,9 +183,15 @@ def _resharded_recipe(recipe: Optional[dict], parallel: ParallelConfig, save_dir
 
 
 def write_universal_checkpoint(ckpt: TrainingCheckpoint, save_dir: str, parallel: ParallelConfig,
-                               tokenizer: Optional[tuple[str, str]] = None) -> str:
+                               tokenizer: Optional[tuple[str, str]] = None, *, verified: bool,
+                               final_dir: Optional[str] = None) -> str:
     """Write `ckpt` with its optimizer for `parallel` (TP, PP, split, VP); any data-parallel
-    size loads it. Returns the tag (the source's iteration)."""
+    size loads it. Returns the tag (the source's iteration).
+
+    `verified`: every source file matched its manifest's SHA-256 (reader.verify_checkpoint);
+    only then does the output get a manifest of its own, so an unchecked source is never
+    certified. `final_dir`: where the output will live once renamed into place (the recorded
+    recipe's --save), when `save_dir` is a temporary sibling."""
     from mesh_megatron.parallel.pipeline_layout import build_layout
 
     optim, step, common = read_optimizer_state(ckpt)
@@ -232,11 +238,11 @@ def write_universal_checkpoint(ckpt: TrainingCheckpoint, save_dir: str, parallel
     # The same run continues (its run id), so the manager's lineage and manifest rules hold:
     # the manifest first, mesh_config.json (the commit record) after it, `latest` last.
     meta = dict(ckpt.meta, parallel=dataclasses.asdict(parallel), **{UNIVERSAL: True},
-                recipe=_resharded_recipe(ckpt.meta.get("recipe"), parallel, save_dir),
+                recipe=_resharded_recipe(ckpt.meta.get("recipe"), parallel, final_dir or save_dir),
                 source={"resharded_from": os.path.abspath(ckpt.load_dir), "iteration": ckpt.iteration,
                         "parallel": ckpt.meta.get("parallel")})
-    if "run_id" in meta:
-        manifest = build_manifest(tag_dir, meta["run_id"], ckpt.iteration, skip={CONFIG_FILE})
+    if verified:
+        manifest = build_manifest(tag_dir, meta.get("run_id"), ckpt.iteration, skip={CONFIG_FILE})
         _write_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1))
     _write_atomic(os.path.join(tag_dir, CONFIG_FILE), json.dumps(meta, indent=1))
     _write_atomic(os.path.join(save_dir, LATEST), ckpt.tag)

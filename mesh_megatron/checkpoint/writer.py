@@ -6,6 +6,7 @@ Same layout as CheckpointManager.save, at iteration 0 and without optimizer file
     SAVE/model.yaml                              every ModelConfig field: pass it as --config
     SAVE/iter_0000000/mp_rank_{tp:02d}_model_states.pt   {"module": weights, ...} per TP rank
     SAVE/iter_0000000/tokenizer/<file>           the tokenizer, when there is one
+    SAVE/iter_0000000/manifest.json              every file's size and SHA-256 (verified at load)
     SAVE/iter_0000000/mesh_config.json           {"model", "iteration": 0, "parallel",
                                                   "tokenizer", "weights_only": true, "source"}
 
@@ -27,6 +28,7 @@ import yaml
 from torch import Tensor
 
 from mesh_megatron.checkpoint.manager import CONFIG_FILE, LATEST, _write_atomic, tag_for
+from mesh_megatron.checkpoint.manifest import MANIFEST, build_manifest
 from mesh_megatron.checkpoint.reader import shard_name
 from mesh_megatron.checkpoint.skeleton import check_weights, meta_model, module_state
 from mesh_megatron.checkpoint.tensor_parallel import shard_state_dict
@@ -37,37 +39,19 @@ MODEL_YAML = "model.yaml"
 WEIGHTS_ONLY = "weights_only"
 
 
-def check_separate(out: str, source: str, flag: str) -> None:
-    """Refuse an output directory that is, holds or sits inside the source: --force would
-    delete what is being converted."""
-    a, b = os.path.realpath(out), os.path.realpath(source)
-    if a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep):
-        raise ConfigError(f"{flag} {out} overlaps the source {source}: write to a separate directory")
-
-
-def prepare_output_dir(path: str, force: bool, flag: str) -> None:
-    """Create `path`; refuse a non-empty one unless `force` (then it is emptied first)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"{flag} {path} is a file: pass a directory")
-    if os.path.isdir(path) and os.listdir(path):
-        if not force:
-            raise ConfigError(f"{flag} {path} is not empty: pass an empty or new directory, or --force "
-                              "to replace its contents")
-        shutil.rmtree(path)
-    os.makedirs(path, exist_ok=True)
-
-
 def write_training_checkpoint(save_dir: str, config: ModelConfig, state: dict[str, Tensor], *,
                               tensor_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                               pipeline_split: Optional[list[int]] = None,
                               tokenizer: Optional[tuple[str, str]] = None,
-                              source: Optional[dict[str, Any]] = None) -> str:
+                              source: Optional[dict[str, Any]] = None, manifest: bool = True) -> str:
     """Write `state` (full TP=1 weights, training names) as iteration 0 of `save_dir`, split
     for TP x PP: stage p, TP rank t goes to mp_rank_{p * TP + t} (DeepSpeed's naming with
     this project's mpu), holding that stage's names only.
 
     `config.padded_vocab_size(tensor_parallel_size)` must equal the embedding rows, so the run
-    that loads it builds the same shapes. `tokenizer` is (type, file). Returns the tag.
+    that loads it builds the same shapes. `tokenizer` is (type, file). `manifest`: record every
+    file's size and SHA-256 (as a training save does); pass False when the weights come from a
+    checkpoint that could not be verified, so an unchecked input is never certified. Returns the tag.
     """
     rows = state["embedding.word_embeddings.weight"].shape[0]
     if config.padded_vocab_size(tensor_parallel_size) != rows:
@@ -103,6 +87,9 @@ def write_training_checkpoint(save_dir: str, config: ModelConfig, state: dict[st
     meta = {"model": model_dict, "iteration": 0,
             "parallel": dataclasses.asdict(ParallelConfig(tp, pp, pipeline_split)),
             "tokenizer": tok_meta, WEIGHTS_ONLY: True, "source": source or {}}
+    if manifest:  # before mesh_config.json, the commit record, as CheckpointManager saves
+        _write_atomic(os.path.join(tag_dir, MANIFEST),
+                      json.dumps(build_manifest(tag_dir, None, 0, skip={CONFIG_FILE}), indent=1))
     _write_atomic(os.path.join(tag_dir, CONFIG_FILE), json.dumps(meta, indent=1))
     yaml_dict = {**model_dict, "learned_scalar_init": list(config.learned_scalar_init)}
     _write_atomic(os.path.join(save_dir, MODEL_YAML),

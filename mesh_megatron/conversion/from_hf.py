@@ -37,8 +37,8 @@ from torch import Tensor
 from mesh_megatron.conversion.key_map import (fold_embedding_multiplier, hf_to_training, scale_embeddings_for,
                                               vocab_divisor)
 from mesh_megatron.checkpoint.reader import error_summary
-from mesh_megatron.checkpoint.writer import (MODEL_YAML, check_separate, prepare_output_dir,
-                                             write_training_checkpoint)
+from mesh_megatron.checkpoint.writer import MODEL_YAML, write_training_checkpoint
+from mesh_megatron.paths import atomic_dir, check_output_dir, check_separate
 from mesh_megatron.config import (VARIANTS, ConfigError, Layout, ModelConfig, ParallelConfig, validate)
 
 INIT_METHODS = ("stepwise", "average", "lower")
@@ -289,9 +289,7 @@ def import_from_hf(hf_dir: str, save_dir: str, *, layout: Optional[str] = None, 
     if init not in INIT_METHODS:
         raise ConfigError(f"--init {init!r} is unknown: choose one of {', '.join(INIT_METHODS)}")
     check_separate(save_dir, hf_dir, "--save")
-    if os.path.isdir(save_dir) and os.listdir(save_dir) and not force:
-        raise ConfigError(f"--save {save_dir} is not empty: pass an empty or new directory, or --force to "
-                          "replace its contents")
+    check_output_dir(save_dir, "--save", force=force)
     hf_state = read_hf_weights(hf_dir)
     if "gpt_neox.embed_in.weight" not in hf_state:
         raise ConfigError(f"--hf {hf_dir}: no gpt_neox.embed_in.weight among its tensors: not a GPT-NeoX "
@@ -320,11 +318,11 @@ def import_from_hf(hf_dir: str, save_dir: str, *, layout: Optional[str] = None, 
     state.update(fresh)
 
     tokenizer = find_tokenizer(hf_dir)
-    prepare_output_dir(save_dir, force, "--save")
-    write_training_checkpoint(
-        save_dir, config, state, tensor_parallel_size=tensor_parallel_size, tokenizer=tokenizer,
-        source={"hf_dir": os.path.abspath(hf_dir), "model_type": data["model_type"],
-                "init": init if sources and config.core_shared and config.parsed_layout.is_looped else None,
-                "layer_sources": sources, "seed": seed})
+    with atomic_dir(save_dir, "--save") as tmp:
+        write_training_checkpoint(
+            tmp, config, state, tensor_parallel_size=tensor_parallel_size, tokenizer=tokenizer,
+            source={"hf_dir": os.path.abspath(hf_dir), "model_type": data["model_type"],
+                    "init": init if sources and config.core_shared and config.parsed_layout.is_looped else None,
+                    "layer_sources": sources, "seed": seed})
     return ImportReport(save_dir=save_dir, model=config, source_type=data["model_type"], layer_sources=sources,
                         tokenizer=tokenizer)

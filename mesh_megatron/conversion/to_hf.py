@@ -28,9 +28,9 @@ from torch import Tensor
 
 from mesh_megatron.conversion.tokenizer import TokenizerExport, export_tokenizer
 from mesh_megatron.conversion.key_map import fold_embedding_multiplier, hf_config, training_to_hf
-from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state
-from mesh_megatron.checkpoint.writer import check_separate, prepare_output_dir
+from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state, verify_checkpoint
 from mesh_megatron.config import ConfigError, ModelConfig
+from mesh_megatron.paths import atomic_dir, check_output_dir, check_separate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -115,15 +115,17 @@ def export_to_hf(load_dir: str, out_dir: str, iteration: Optional[int] = None,
     """Convert one checkpoint of `load_dir` (default: `latest`) into an HF directory.
 
     `dtype`: "fp32" | "bf16" | "fp16", or None for the dtype the checkpoint stores.
-    Refuses a non-empty `out_dir` unless `force`. Nothing is written on a bad input.
+    Refuses a non-empty `out_dir` unless `force`. The checkpoint's model files are checked
+    against its manifest (SHA-256) before they are read. The export is written into a
+    temporary sibling and renamed onto `out_dir` once complete (paths.atomic_dir): a bad
+    input or a failed write leaves `out_dir` as it was.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
     check_separate(out_dir, load_dir, "--out")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise ConfigError(f"--out {out_dir} is not empty: pass an empty or new directory, or --force to "
-                          "replace its contents")
+    check_output_dir(out_dir, "--out", force=force)
     ckpt = open_checkpoint(load_dir, iteration)
+    verify_checkpoint(ckpt, weights_only=True)
     state = read_model_state(ckpt, progress=_progress(progress, "reading shards", "file"))
 
     renamed = training_to_hf(state, ckpt.model)
@@ -136,14 +138,23 @@ def export_to_hf(load_dir: str, out_dir: str, iteration: Optional[int] = None,
         hf_state[name] = (tensor.to(cast) if cast else tensor).contiguous()
     del renamed
 
-    prepare_output_dir(out_dir, force, "--out")
-    tok = None
-    if ckpt.tokenizer_file and os.path.isfile(ckpt.tokenizer_file):
-        tok = export_tokenizer(ckpt.tokenizer_type or "sentencepiece", ckpt.tokenizer_file, out_dir,
-                               ckpt.model.seq_length)
-    model_type = save_hf_model(ckpt.model, hf_state, out_dir,
-                               bos_token_id=tok.bos_token_id if tok else None,
-                               eos_token_id=tok.eos_token_id if tok else None,
-                               pad_token_id=tok.pad_token_id if tok else None)
+    with atomic_dir(out_dir, "--out") as tmp:
+        tok = None
+        if ckpt.tokenizer_file and os.path.isfile(ckpt.tokenizer_file):
+            tok = export_tokenizer(ckpt.tokenizer_type or "sentencepiece", ckpt.tokenizer_file, tmp,
+                                   ckpt.model.seq_length)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:  # save_pretrained's own "Writing model shards" bar too
+            hf_logging.disable_progress_bar()
+        try:
+            model_type = save_hf_model(ckpt.model, hf_state, tmp,
+                                       bos_token_id=tok.bos_token_id if tok else None,
+                                       eos_token_id=tok.eos_token_id if tok else None,
+                                       pad_token_id=tok.pad_token_id if tok else None)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
     return ExportReport(out_dir=out_dir, source=ckpt.path, model_type=model_type, tensors=len(hf_state),
                         dtype=hf_state["gpt_neox.embed_in.weight"].dtype, tokenizer=tok)

@@ -15,6 +15,7 @@ dropout mask after a resume. The loader has its own generator, seeded from the r
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import torch
@@ -44,6 +45,17 @@ class StepSampler(Sampler[list[int]]):
         return max(0, self.train.train_iters - self.first_step) * accum
 
 
+def quiet_worker_signals(worker_id: int) -> None:
+    """worker_init_fn: a worker ignores SIGTERM/SIGINT. Forked after training/preemption.py's
+    handler is installed, it would otherwise print its own "received SIGTERM" line; with the
+    default handlers it would die of a scheduler's SIGTERM to the process group (or Ctrl-C),
+    and torch's SIGCHLD check would then fail the step the training process is finishing
+    before it saves. The training process decides when to stop; its DataLoader then ends
+    the workers (torch's shutdown: a done event each worker polls every few seconds)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def train_loader(dataset, train: TrainingConfig, dp_rank: int, dp_size: int, first_step: int,
                  device: torch.device, num_workers: int) -> DataLoader:
     """Host-side batches of this rank from `first_step` on, read ahead by `num_workers`."""
@@ -51,7 +63,8 @@ def train_loader(dataset, train: TrainingConfig, dp_rank: int, dp_size: int, fir
     generator = torch.Generator().manual_seed(train.seed + first_step)
     return DataLoader(dataset, batch_sampler=StepSampler(train, dp_rank, dp_size, len(dataset), first_step),
                       collate_fn=collate_samples, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=4 if num_workers else None, persistent_workers=False, generator=generator)
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False, generator=generator,
+                      worker_init_fn=quiet_worker_signals if num_workers else None)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -82,8 +82,9 @@ def read_recipe(path: str) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, .
     """{section: {key: value}} of a recipe file, and the line of each key (for messages)."""
     import yaml
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file")
+    from mesh_megatron.paths import check_input_file
+
+    check_input_file(path, "--config", "pass a YAML recipe (examples/configs/*.yaml)")
     text = open(path).read()
     try:
         data = yaml.safe_load(text)
@@ -109,15 +110,67 @@ def read_recipe(path: str) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, .
     return {k: dict(v or {}) for k, v in data.items()}, lines
 
 
+def _model_field(value: Any, name: str, where: str) -> Any:
+    """A ModelConfig field from YAML, typed as its dataclass annotation says (what a flag's
+    `type=` does): "64" -> 64, 6e-4 -> 0.0006, 12 -> "12" for a layout; a wrong type is one line."""
+    import typing
+
+    hint = typing.get_type_hints(ModelConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    kind = args[0] if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: {name}: needs a value (null is not allowed)")
+    try:
+        if name == "learned_scalar_init":
+            out = tuple(float(x) for x in value)
+            if len(out) != 3:
+                raise ValueError
+            return out
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and value != int(value)):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        what = "three numbers (a1, a2, a3)" if name == "learned_scalar_init" else \
+            "true or false" if kind is bool else f"a valid {getattr(kind, '__name__', kind)}"
+        raise ConfigError(f"{where}: {name}: {value!r} is not {what}") from None
+
+
+def normalized(model: ModelConfig) -> ModelConfig:
+    """What the flag path does to a model, for a model given field by field: `vanilla` with a
+    looped layout runs it unrolled (P + C*K + Q distinct layers), as preset() does for
+    `--variant vanilla --layout P+CrK+Q`."""
+    from mesh_megatron.config import Layout
+
+    layout = Layout.parse(model.layout)
+    if model.variant == "vanilla" and layout.is_looped:
+        return dataclasses.replace(model, layout=str(layout.compute_depth))
+    return model
+
+
 def _coerce(value: Any, key: _Key, name: str, where: str) -> Any:
     """A YAML value -> what argparse would have produced from the flag (checked)."""
     action = key.action
     if action is None:
-        if name == "precision" and value not in PRECISIONS:
-            raise ConfigError(f"{where}: precision {value!r}: use one of {', '.join(PRECISIONS)}")
-        if name == "learned_scalar_init" and value is not None:
-            return tuple(float(x) for x in value)
-        return value
+        if name == "precision":
+            if value not in PRECISIONS:
+                raise ConfigError(f"{where}: precision {value!r}: use one of {', '.join(PRECISIONS)}")
+            return value
+        return _model_field(value, name, where)
     if value is None:
         return None
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
@@ -226,7 +279,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     if getattr(args, "model_full", False):
         fields.update(variant=args.variant, **({"layout": args.layout} if args.layout else {}), **flags)
         try:
-            return ModelConfig(**fields)
+            return normalized(ModelConfig(**fields))
         except TypeError as e:
             raise ConfigError(f"model section: {e}") from None
     return preset(args.preset, args.variant, args.layout, **fields, **flags)

@@ -40,6 +40,26 @@ def _build_data(run, rank0: bool):
     return tokenizer, (built.train, built.valid)
 
 
+def _claim_save(run, rank0: bool):
+    """(claim or None, refusal or None), the refusal the same on every rank. Rank 0 claims
+    --save, then repeats the reuse check of arguments.parse under the claim: a run that
+    finished into the same new directory after this one was parsed is seen now."""
+    from mesh_megatron.checkpoint.claim import SaveClaim
+    from mesh_megatron.checkpoint.manager import check_save_dir
+
+    claim, refusal = None, [None]
+    if rank0:
+        claim = SaveClaim(run.train.save)
+        refusal[0] = claim.acquire()
+        if refusal[0] is None:
+            try:
+                check_save_dir(run.train.save, run.train.load, run.overwrite_save)
+            except ConfigError as e:
+                refusal[0] = str(e)
+    dist.broadcast_object_list(refusal, src=0)
+    return claim, refusal[0]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from mesh_megatron.training import arguments
     from mesh_megatron.training.trainer import NonFiniteLoss, Trainer, fail
@@ -60,9 +80,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     set_seed(run.train.seed)
     rank0 = dist.get_rank() == 0
     trainer = None
+    claim = None
     # From here SIGTERM/SIGINT (and --exit-duration-in-mins) mean: finish the step, save, exit 75.
     preemption = Preemption(run.exit_duration_in_mins, process_start_time()).install()
     try:
+        if run.train.save:  # one run per --save (checkpoint/claim.py), before anything is built
+            claim, refusal = _claim_save(run, rank0)
+            if refusal:
+                return fail(refusal)
         try:
             tokenizer, datasets = _build_data(run, rank0)
         except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -100,6 +125,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             trainer.close()
         destroy()
         preemption.uninstall()
+        if claim is not None:
+            claim.release()
 
 
 if __name__ == "__main__":

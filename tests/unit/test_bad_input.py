@@ -88,8 +88,8 @@ def test_bad_inputs_each_give_one_clear_error(tmp_path, tiny_dataset):
             parse(argv + ["--save", str(tmp_path / "out")])
         assert "\n" not in str(e.value), argv  # one line
         assert not (tmp_path / "out").exists(), argv
-    for save, message in [(a_file, f"--save {a_file} is a file, not a directory"),
-                          (a_file + "/sub", f"--save {a_file}/sub cannot be created: {a_file} is a file"),
+    for save, message in [(a_file, f"--save {a_file}: is a file, not a directory; pass a directory path"),
+                          (a_file + "/sub", f"--save {a_file}/sub: cannot be created, {a_file} is a file"),
                           (torn, f"--save {torn} already holds checkpoints \\(latest iter_0000004\\) of another run: "
                                  f"resume it with --load {torn}, pass another --save directory, or --overwrite-save")]:
         with pytest.raises(ConfigError, match=message):
@@ -127,7 +127,7 @@ def test_entry_point_prints_one_line_and_writes_nothing(tmp_path, capsys):
     a_file = write(tmp_path / "a_file", "x")
     cases = [
         (["--ds_config", not_json, "--save", str(tmp_path / "new")], f"--ds_config {not_json} is not JSON"),
-        (["--save", a_file], f"--save {a_file} is a file, not a directory"),
+        (["--save", a_file], f"--save {a_file}: is a file, not a directory"),
         (["--variant", "base", "--train-iters", "1", "--save", torn], f"--save {torn} already holds checkpoints"),
         (["--load", torn, "--save", torn], f"--load {torn}: 'latest' names 'iter_0000004', but "
                                            "mp_rank_00_model_states.pt is 3 bytes"),

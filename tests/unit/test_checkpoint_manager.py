@@ -155,9 +155,9 @@ def test_crash_marker_of_first_save_is_adopted_by_the_same_command(tmp_path):
 
 def test_save_dir_checks(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match=f"^--save {tmp_path}/file is a file, not a directory"):
+    with pytest.raises(ConfigError, match=f"^--save {tmp_path}/file: is a file, not a directory"):
         cm.check_save_dir(str(tmp_path / "file"), None, False)
-    with pytest.raises(ConfigError, match=f"cannot be created: {tmp_path}/file is a file"):
+    with pytest.raises(ConfigError, match=f"cannot be created, {tmp_path}/file is a file"):
         cm.check_save_dir(str(tmp_path / "file" / "sub"), None, False)
     cm.check_save_dir(str(tmp_path / "new" / "deeper"), None, False)  # creatable: fine, nothing made
     assert not (tmp_path / "new").exists()

@@ -24,6 +24,10 @@ def test_missing_data_is_one_clear_line(tmp_path):
     model_dir = tmp_path / "hf"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))  # never loaded
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"x": torch.zeros(2)}, str(model_dir / "model.safetensors"))  # whole, as paths.check_hf_dir asks
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_DATASETS_CACHE=str(tmp_path / "hf_home" / "ds"))
     proc = run_script("tools/eval_lm.py", ["--model-dir", str(model_dir), "--suite", "paper", "--offline",
                                            "--output", str(tmp_path / "r.json")], env=env, timeout=300)

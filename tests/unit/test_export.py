@@ -197,8 +197,8 @@ def test_convert_to_hf_cli(megatron_single, tmp_path, capsys):
     assert "mesh_gpt_neox" in capsys.readouterr().out
     assert cli.main(argv) == 2  # --out is not empty now
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: --out {tmp_path / 'hf'} is not empty: pass an empty or new directory, or --force to replace "
-        "its contents"]
+        f"error: --out {tmp_path / 'hf'}: is not empty; pass an empty or new directory, or --force to replace "
+        "it (the old contents go only once the new output is complete)"]
     assert cli.main(argv + ["--force"]) == 0
     with pytest.raises(SystemExit):
         cli.parse_args(["--help"])

@@ -197,7 +197,7 @@ def test_probe_cli_on_checkpoint_equals_probe_of_its_export(megatron_single, tmp
     capsys.readouterr()
     assert cli.main(["--load", str(tmp_path / "ckpt"), "--out", str(tmp_path / "file")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: --out {tmp_path / 'file'} is a file: pass a directory"]
+        f"error: --out {tmp_path / 'file'}: is a file, not a directory; pass a directory path"]
 
 
 def test_vanilla_layout_reads_the_matched_depths(megatron_single, tmp_path):
@@ -237,7 +237,7 @@ def test_bad_inputs_each_give_one_clear_error(megatron_single, tmp_path):
     save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
     ckpt = str(tmp_path / "ckpt")
     cases = [
-        (str(tmp_path / "nothing"), ProbeSettings(), "no such directory"),
+        (str(tmp_path / "nothing"), ProbeSettings(), "nothing: does not exist"),
         (str(tmp_path), ProbeSettings(), "holds neither a training checkpoint"),
         (ckpt, ProbeSettings(seq_length=SEQ * 2), "longer than the 32 tokens"),
         (ckpt, ProbeSettings(vanilla_layout="1+2R2+1"), "for vanilla models only"),

@@ -140,3 +140,59 @@ def test_print_config_fed_back_resolves_the_same_run(tmp_path, capsys):
     assert direct.model.hidden_dropout == 0.1 and direct.execution.recompute == "loop"  # the flags took
     for field in dataclasses.fields(direct):
         assert getattr(again, field.name) == getattr(direct, field.name), field.name
+
+
+def test_model_section_is_validated_and_normalised_as_the_flags_are(tmp_path):
+    """Whichever way a model arrives (flags, a preset recipe, a field-by-field recipe, a bare
+    model.yaml plus flags), the same values give the same ModelConfig, and the same wrong
+    values are refused. One case per field the flag path rewrites (layout: vanilla unrolls a
+    looped one; vocab_size: fitted to the tokenizer) or checks (variant, preset, layout syntax,
+    mesh_slots and seq_length types, and every typed field that has no flag)."""
+    save = ["--save", str(tmp_path / "ck"), "--ds_config", os.path.join(ROOT, "examples/zero2.json")]
+    tiny_fields = {k: v for k, v in dataclasses.asdict(preset("tiny", "mesh")).items() if k != "vocab_size"}
+    tiny_fields["learned_scalar_init"] = list(tiny_fields["learned_scalar_init"])
+
+    def model(argv=(), recipe=None):
+        extra = []
+        if recipe is not None:
+            path = tmp_path / f"r{len(list(tmp_path.iterdir()))}.yaml"
+            path.write_text(yaml.safe_dump(recipe))
+            extra = ["--config", str(path)]
+        return arguments.parse(extra + list(argv) + save, world_size=1).model
+
+    flags = model(["--variant", "vanilla", "--layout", "2+2R2+2"])
+    assert flags.layout == "8" and flags.variant == "vanilla"  # unrolled: P + C*K + Q layers
+    assert model(recipe={"model": {"preset": "tiny", "variant": "vanilla", "layout": "2+2R2+2"}}) == flags
+    assert model(recipe={"model": {**tiny_fields, "variant": "vanilla", "layout": "2+2R2+2"}}) == flags
+    assert model(["--variant", "vanilla", "--layout", "2+2R2+2"], recipe=dict(tiny_fields, variant="anchor")) == flags
+    # Values typed as the flags' argparse types make them: "6" -> 6, 12 -> "12".
+    assert model(["--mesh-slots", "6", "--seq-length", "64"]) == \
+        model(recipe={"model": {**tiny_fields, "mesh_slots": "6", "seq_length": "64"}})
+    assert model(["--variant", "vanilla", "--layout", "6"]) == \
+        model(recipe={"model": {**tiny_fields, "variant": "vanilla", "layout": 6}})
+    typed = model(recipe={"model": {**tiny_fields, "hidden_size": "64", "rotary_base": 10000.0,
+                                    "layernorm_epsilon": "1e-5", "learned_scalar_init": [1, 1, 0]}})
+    assert typed == model() and isinstance(typed.hidden_size, int) and isinstance(typed.layernorm_epsilon, float)
+    # vocab_size: the tokenizer's (4096 embedded) unless the model fixes it, both ways.
+    assert model().vocab_size == model(recipe={"model": tiny_fields}).vocab_size == 4096
+
+    refused = [  # (model section, message); the flag's argparse error for the same value in the comment
+        ({**tiny_fields, "variant": "vanila"}, "variant: 'vanila' is not one of"),       # --variant vanila
+        ({"preset": "tiny-x"}, "preset: 'tiny-x' is not one of"),                         # --preset tiny-x
+        ({**tiny_fields, "mesh_slots": "six"}, "mesh_slots: 'six' is not a valid int"),   # --mesh-slots six
+        ({**tiny_fields, "seq_length": 6.5}, "seq_length: 6.5 is not a valid int"),      # --seq-length 6.5
+        ({**tiny_fields, "layout": "2+2x2+2"}, "layout '2\\+2x2\\+2' is malformed"),      # --layout 2+2x2+2
+        ({**tiny_fields, "hidden_size": "wide"}, "hidden_size: 'wide' is not a valid int"),
+        ({**tiny_fields, "scale_embeddings": "yes"}, "scale_embeddings: 'yes' is not true or false"),
+        ({**tiny_fields, "learned_scalar_init": [1, 1]}, "learned_scalar_init: \\[1, 1\\] is not three numbers"),
+        ({**tiny_fields, "hidden_size": None}, "hidden_size: needs a value"),
+    ]
+    for section, message in refused:
+        with pytest.raises(ConfigError, match=message) as e:
+            model(recipe={"model": section})
+        assert "\n" not in str(e.value), section
+    for argv in (["--variant", "vanila"], ["--preset", "tiny-x"], ["--mesh-slots", "six"], ["--seq-length", "6.5"]):
+        with pytest.raises(SystemExit):
+            model(argv)
+    with pytest.raises(ConfigError, match="layout '2\\+2x2\\+2' is malformed"):
+        model(["--layout", "2+2x2+2"])
