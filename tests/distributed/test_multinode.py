@@ -83,13 +83,15 @@ def test_srun_ranks_per_node_caches_preemption_and_shared_hashing(tmp_path):
     """Only SLURM_* (no RANK/WORLD_SIZE/LOCAL_RANK): 2 ranks of one run; each node builds its own
     embedded corpus and index caches under its own HOME; --save on shared storage. SIGTERM after
     step 2 of 4: exit 75 on both ranks with a checkpoint whose files were hashed by the ranks
-    that wrote them (ZeRO-2: rank 0 its model states and optimizer shard, rank 1 its shard);
-    a corrupted shard of rank 1 is still caught when the run resumes."""
+    that wrote them (ZeRO-2: rank 0 its model states and optimizer shard, rank 1 its shard),
+    and a warning that it took longer than --preempt-grace-seconds; a corrupted shard of rank
+    1 is still caught when the run resumes."""
     nodes = node_dirs(tmp_path)
     envs = [dict(slurm(r), HOME=str(d / "home"), MESH_MEGATRON_FAULT="sigterm_after_step:2")
             for r, d in enumerate(nodes)]
     log, save = tmp_path / "train.jsonl", tmp_path / "shared_save"
-    args = ARGS + ["--train-iters", "4", "--save", str(save), "--log-jsonl", str(log)]
+    # A grace period no save can meet: the first save warns.
+    args = ARGS + ["--train-iters", "4", "--save", str(save), "--log-jsonl", str(log), "--preempt-grace-seconds", "0.001"]
     rcs, outs = run_nodes(envs, [str(d) for d in nodes], args)
     assert rcs == [75, 75], outs
     assert "data-parallel 2" in outs[0], outs[0]  # one run of 2 ranks, not two runs of 1
@@ -102,6 +104,7 @@ def test_srun_ranks_per_node_caches_preemption_and_shared_hashing(tmp_path):
     assert (save / "latest").read_text() == "iter_0000002"
     assert "files hashed by the rank that wrote them: rank 0: 2, rank 1: 1)" in outs[0], outs[0]
     assert re.search(r"exiting with status 75 at iteration 2, [0-9.]+ s after the signal", outs[0]), outs[0]
+    assert outs[0].count("warning: this save took") == 1 and "more than --preempt-grace-seconds 0.001" in outs[0]
 
     shard = save / "iter_0000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = bytearray(shard.read_bytes())
