@@ -31,13 +31,14 @@ import pickle
 import re
 import shutil
 import signal
+import time
 import uuid
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from mesh_megatron.checkpoint.manifest import MANIFEST, build_manifest, verify_manifest
+from mesh_megatron.checkpoint.manifest import MANIFEST, build_manifest, hash_files, verify_manifest
 from mesh_megatron.config import ConfigError, ModelConfig, ParallelConfig
 
 LATEST = "latest"
@@ -115,8 +116,10 @@ def tag_owner(tag_dir: str) -> Optional[str]:
     return None
 
 
-def tag_problem(load_dir: str, tag: str, checksums: bool = False) -> Optional[str]:
-    """None if `tag` is a complete checkpoint (sizes, and checksums if asked, as recorded)."""
+def tag_problem(load_dir: str, tag: str, checksums: bool = False,
+                share: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """None if `tag` is a complete checkpoint (sizes, and checksums if asked, as recorded;
+    `share` (rank, ranks): only that rank's part of the checksums, see manifest.shares)."""
     tag_dir = os.path.join(load_dir, tag)
     if not _TAG_RE.match(tag) or not os.path.isdir(tag_dir):
         return "that directory does not exist"
@@ -127,7 +130,7 @@ def tag_problem(load_dir: str, tag: str, checksums: bool = False) -> Optional[st
         return f"its {CONFIG_FILE} is missing or unreadable (the save did not finish)"
     if "run_id" not in meta and not os.path.isfile(os.path.join(tag_dir, MANIFEST)):
         return None  # an older save or import without a manifest: nothing recorded to check
-    return verify_manifest(tag_dir, checksums)
+    return verify_manifest(tag_dir, checksums, share=share)
 
 
 def previous_loadable(load_dir: str, tag: str) -> Optional[str]:
@@ -257,6 +260,8 @@ class CheckpointManager:
         self.tokenizer_file = tokenizer_file
         self.run_id = run_id or uuid.uuid4().hex[:16]  # only rank 0's is used
         self.overwrite = overwrite
+        self.hashed_by_rank: list[dict[str, dict]] = []
+        self.last_save_s: Optional[float] = None
 
     def _path(self, tag: str) -> str:
         return os.path.join(self.save_dir, tag)
@@ -287,7 +292,8 @@ class CheckpointManager:
                       json.dumps({"run_id": self.run_id, "pid": os.getpid()}))
         return "save"
 
-    def _finish(self, tag: str, iteration: int, model: ModelConfig, client_state: dict[str, Any]) -> None:
+    def _finish(self, tag: str, iteration: int, model: ModelConfig, client_state: dict[str, Any],
+                hashed: Optional[dict[str, dict]] = None) -> None:
         """Rank 0, after every rank's DeepSpeed files: tokenizer, manifest, commit, publish, prune."""
         tok_dir = os.path.join(self._path(tag), "tokenizer")
         os.makedirs(tok_dir, exist_ok=True)
@@ -297,7 +303,8 @@ class CheckpointManager:
                 dst.write(src.read()[:os.path.getsize(self.tokenizer_file) // 2])
             fault("kill_torn_tokenizer", iteration)
         shutil.copyfile(self.tokenizer_file, os.path.join(tok_dir, tok_name))
-        manifest = build_manifest(self._path(tag), self.run_id, iteration, skip={IN_PROGRESS, CONFIG_FILE})
+        manifest = build_manifest(self._path(tag), self.run_id, iteration, skip={IN_PROGRESS, CONFIG_FILE},
+                                  hashed=hashed)
         _write_atomic(os.path.join(self._path(tag), MANIFEST), json.dumps(manifest, indent=1))
         meta = {"model": dataclasses.asdict(model), "iteration": iteration,
                 "parallel": dataclasses.asdict(self.parallel),
@@ -320,6 +327,9 @@ class CheckpointManager:
             self.overwrite = False
 
     def save(self, engine, iteration: int, model: ModelConfig, client_state: dict[str, Any]) -> str:
+        """Collective. After it, `hashed_by_rank` holds what each rank hashed (its own files)
+        and `last_save_s` the wall time of this save on this rank."""
+        start = time.monotonic()
         tag = tag_for(iteration)
         go = [self._prepare(tag) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(go, src=0)  # also orders the marker before every rank's files
@@ -330,17 +340,32 @@ class CheckpointManager:
         fault("sigterm_in_save", iteration)
         fault("kill_before_files", iteration)
         original = engine.checkpoint_engine.save
-        if _faulted("kill_torn_model", iteration) or _faulted("kill_between_files", iteration):
-            engine.checkpoint_engine.save = _torn_save(original, iteration)
+        inner = _torn_save(original, iteration) \
+            if _faulted("kill_torn_model", iteration) or _faulted("kill_between_files", iteration) else original
+        written: list[str] = []
+
+        def recording_save(state_dict, path):
+            out = inner(state_dict, path)
+            written.append(os.fspath(path))
+            return out
+
+        engine.checkpoint_engine.save = recording_save
         try:
             engine.save_checkpoint(self.save_dir, tag=tag, client_state=client_state, save_latest=False)
         finally:
             engine.checkpoint_engine.save = original
-        dist.barrier()
+        # Each rank hashes what it wrote, all at once (manifest.py); rank 0 merges.
+        tag_dir = self._path(tag)
+        rels = {os.path.relpath(p, tag_dir) for p in written}
+        mine = hash_files(tag_dir, sorted(r for r in rels if not r.startswith(os.pardir)))
+        self.hashed_by_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(self.hashed_by_rank, mine)  # also: every rank's files are written
         fault("kill_after_files", iteration)
         if dist.get_rank() == 0:
-            self._finish(tag, iteration, model, client_state)
+            merged = {rel: entry for part in self.hashed_by_rank for rel, entry in part.items()}
+            self._finish(tag, iteration, model, client_state, hashed=merged)
         dist.barrier()
+        self.last_save_s = time.monotonic() - start
         return tag
 
     @staticmethod
@@ -348,12 +373,15 @@ class CheckpointManager:
         """Resume a run; or, for a weights-only checkpoint (an import, see writer.py), load the
         module weights alone and return {"weights_only": True}: fresh optimizer, iteration 0.
 
-        Rank 0 verifies every file against the tag's manifest first (sizes and SHA-256) and all
-        ranks stop with the same one-line error when something is torn or corrupt."""
-        problem = [tag_problem(load_dir, tag, checksums=True) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(problem, src=0)
-        if problem[0]:
-            raise ConfigError(f"--load {load_dir}: checkpoint {tag} is damaged ({problem[0]}); "
+        Every file is verified against the tag's manifest first (sizes on every rank, each rank
+        the SHA-256 of its share of the bytes) and all ranks stop with the same one-line error
+        when something is torn or corrupt."""
+        mine = tag_problem(load_dir, tag, checksums=True, share=(dist.get_rank(), dist.get_world_size()))
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, mine)
+        problem = next((p for p in problems if p), None)
+        if problem:
+            raise ConfigError(f"--load {load_dir}: checkpoint {tag} is damaged ({problem}); "
                               + _fallback_hint(load_dir, tag, "--load"))
         weights_only = is_weights_only(load_dir, tag)
         try:

@@ -12,6 +12,13 @@ turn megatron's failure modes into one clear error each, and two workarounds:
 * ``BlendedDataset`` calls ``torch.distributed.get_rank()`` on a cache miss, which raises
   when no process group exists. Single-process callers get a throwaway one-rank gloo
   group for the duration of the build.
+
+Index caches on many nodes: megatron-core builds a missing cache on global rank 0 only and
+every other rank then ``numpy.load``s it, so a node whose cache directory is not rank 0's
+(node-local ~/.cache) fails. Here, under a process group, each rank runs megatron's builder
+as a lone process would (it builds on a miss), the cache's builders first: one per filesystem
+holding the cache (data/cache.py build_in_turn); the index files land atomically
+(data/cache.py atomic_index_writes), so concurrent builders never expose a partial file.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import Split, get_blend_from_list
 from megatron.core.tokenizers import MegatronTokenizerBase
 
-from mesh_megatron.data.cache import default_cache_dir
+from mesh_megatron.data.cache import atomic_index_writes, build_in_turn, default_cache_dir
 from mesh_megatron.data.cpp_helpers import ensure_helpers_cpp
 from mesh_megatron.data.validation import (
     IndexedDatasetInfo,
@@ -141,6 +148,20 @@ def _process_group_for_megatron() -> Iterator[None]:
         torch.distributed.destroy_process_group()
 
 
+@contextmanager
+def _as_lone_process() -> Iterator[None]:
+    """megatron-core's dataset code as a lone process sees it: no process group, rank 0. Its
+    builder then builds whatever its cache lacks instead of waiting for global rank 0, and
+    runs no collective (the caller orders the ranks: build_in_turn)."""
+    dist = torch.distributed
+    real = dist.is_initialized, dist.get_rank
+    dist.is_initialized, dist.get_rank = (lambda: False), (lambda group=None: 0)
+    try:
+        yield
+    finally:
+        dist.is_initialized, dist.get_rank = real
+
+
 def build_gpt_datasets(
     data_path: str | Sequence[str],
     split: str,
@@ -172,13 +193,45 @@ def build_gpt_datasets(
             samples, or given a 0 share by ``split``, is not built (None).
         tokenizer: a mesh_megatron.data.tokenizer tokenizer (eod, vocab_size, ...).
         cache_dir: where megatron caches the index .npy files; default
-            ``default_cache_dir()/"indices"``. Must be shared by all ranks of a node set.
+            ``default_cache_dir()/"indices"``. Node-local or shared: it is built once per
+            filesystem that holds it.
         padded_vocab_size: the model's embedding rows; when given, the tokenizer's vocab
             and (when cheap) the data's largest id are checked against it.
         is_built_on_rank: megatron's hook; return False on ranks that need no data.
-    Must be called on every rank when torch.distributed is initialised (rank 0 builds
-    the cache first, the others wait at a barrier and then read it).
+    Must be called on every rank when torch.distributed is initialised (the cache's
+    builders first, see the module docstring); bad input or an unwritable cache on any rank
+    raises the same ConfigError on every rank.
     """
+    from mesh_megatron.parallel.consensus import together
+
+    # Every rank checks the same inputs; a file one node lacks stops every rank (together).
+    config, sizes = together(lambda: _checked_config(
+        data_path, split, seq_length, seed, train_samples, valid_samples, tokenizer, cache_dir,
+        test_samples, padded_vocab_size, create_attention_mask, eod_mask_loss, reset_position_ids,
+        reset_attention_mask))
+
+    def build() -> list:
+        if not is_built_on_rank():
+            return [None, None, None]
+        with atomic_index_writes():
+            return BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, config).build()
+
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        def lone_build() -> list:
+            with _as_lone_process():
+                return build()
+
+        train, valid, test = build_in_turn(config.path_to_cache, lone_build, "dataset index cache")
+    else:
+        with _process_group_for_megatron():
+            train, valid, test = build()
+    return GPTDatasets(train, valid, test)
+
+
+def _checked_config(data_path, split, seq_length, seed, train_samples, valid_samples, tokenizer, cache_dir,
+                    test_samples, padded_vocab_size, create_attention_mask, eod_mask_loss,
+                    reset_position_ids, reset_attention_mask) -> tuple[GPTDatasetConfig, list[int]]:
+    """build_gpt_datasets' checks (one ValueError each) and megatron's config for them."""
     if seq_length < 1 or train_samples < 1 or valid_samples < 0 or test_samples < 0:
         raise ValueError(
             f"need seq_length >= 1, train_samples >= 1 and non-negative valid/test samples; "
@@ -213,8 +266,4 @@ def build_gpt_datasets(
     config.split_matrix = [
         m if n > 0 else None for m, n in zip(config.split_matrix, sizes, strict=True)
     ]
-    with _process_group_for_megatron():
-        train, valid, test = BlendedMegatronDatasetBuilder(
-            GPTDataset, sizes, is_built_on_rank, config
-        ).build()
-    return GPTDatasets(train, valid, test)
+    return config, sizes

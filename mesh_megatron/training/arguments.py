@@ -17,6 +17,7 @@ from mesh_megatron.config import (ATTENTION_BACKENDS, MESH_ROUTER_INITS, MESH_RO
                                   VARIANTS, ConfigError, DataConfig,
                                   ExecutionConfig, LoggingConfig, ModelConfig,
                                   ParallelConfig, TrainingConfig, validate, validate_training)
+from mesh_megatron.parallel.initialize import DEFAULT_TIMEOUT_MINUTES
 from mesh_megatron.training import recipe
 
 DEFAULTS = TrainingConfig()
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--local_rank", "--local-rank", type=int, default=None,
                      help="set by the deepspeed launcher; the LOCAL_RANK env is used")
     par.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed-style launch lines")
+    par.add_argument("--distributed-timeout-minutes", type=int, default=DEFAULT_TIMEOUT_MINUTES,
+                     help="how long the rendezvous and any collective wait for a missing rank before "
+                          "every rank fails (Megatron's flag)")
 
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", type=int, default=None,
@@ -107,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="after this much wall-clock time, finish the step, save and exit with status 75 "
                         "(as on SIGTERM/SIGINT)")
+    c.add_argument("--preempt-grace-seconds", type=float, default=30.0,
+                   help="time between SIGTERM and SIGKILL the run plans for (the DeepSpeed launcher's 30 s; "
+                        "Slurm's KillWait): a first save slower than this is warned about")
     c.add_argument("--eval-interval", type=int, default=DEFAULTS.eval_interval,
                    help="validate every N iterations (0: never)")
     c.add_argument("--eval-iters", type=int, default=DEFAULTS.eval_iters, help="micro-batches per validation")
@@ -275,6 +282,10 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
     from mesh_megatron.checkpoint.manager import LATEST, check_save_dir, same_dir
 
     check_save_dir(train.save, args.load, args.overwrite_save)
+    if not args.preempt_grace_seconds > 0:
+        raise ConfigError(f"--preempt-grace-seconds {args.preempt_grace_seconds} must be positive")
+    if args.distributed_timeout_minutes < 1:
+        raise ConfigError(f"--distributed-timeout-minutes {args.distributed_timeout_minutes} must be at least 1")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins < 0:
         raise ConfigError(f"--exit-duration-in-mins {args.exit_duration_in_mins} is negative: pass minutes >= 0")
     # --load DIR --save DIR before DIR has a checkpoint starts fresh (a requeued job's first run).
@@ -298,6 +309,8 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
                      ds_config=ds, ds_config_path=args.ds_config,
                      recipe=recipe.resolved(build_parser(), args, model, micro, global_, precision),
                      overwrite_save=args.overwrite_save, exit_duration_in_mins=args.exit_duration_in_mins,
-                     execution=execution, num_workers=num_workers)
+                     execution=execution, num_workers=num_workers,
+                     distributed_timeout_minutes=args.distributed_timeout_minutes,
+                     preempt_grace_seconds=args.preempt_grace_seconds)
 
 

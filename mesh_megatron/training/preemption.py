@@ -31,6 +31,7 @@ class Preemption:
         self.start = time.time() if start_time is None else start_time
         self.budget_s = None if exit_duration_in_mins is None else 60.0 * exit_duration_in_mins
         self.received: Optional[int] = None
+        self.received_at: Optional[float] = None  # time.monotonic() of the first signal
         self._previous = {}
 
     def install(self) -> "Preemption":
@@ -46,7 +47,7 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.received is None:
-            self.received = signum
+            self.received, self.received_at = signum, time.monotonic()
             print(f"[rank {dist.get_rank() if dist.is_initialized() else 0}] received {name}: finishing "
                   "this step, then saving and exiting", file=sys.stderr, flush=True)
         else:

@@ -31,7 +31,8 @@ SECTIONS = {"model": "model", "parallelism": "parallel", "training": "training",
             "checkpoints and evaluation": "checkpoints", "data": "data", "logging": "logging"}
 # Flags that steer this one invocation, not the run: never read from or written to a recipe.
 NOT_RECIPE = {"help", "config", "load", "print_config", "local_rank", "deepspeed", "exit_interval",
-              "exit_duration_in_mins", "overwrite_save"}
+              "exit_duration_in_mins", "overwrite_save", "distributed_timeout_minutes",
+              "preempt_grace_seconds"}
 # Model flags that are also ModelConfig fields (mesh_slots, dropout, ...) go through the flags.
 FIELD_FLAGS = ("mesh_slots", "mesh_router_init", "mesh_router_margin", "seq_length", "hidden_dropout",
                "attention_dropout")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Optional
 
 import torch.distributed as dist
@@ -11,29 +12,38 @@ import torch.distributed as dist
 from mesh_megatron.config import ConfigError
 
 
-def _build_data(run, rank0: bool):
+def split_samples(train, data_parallel_size: int) -> tuple[int, int]:
+    """(train, valid) samples to build: every step's global batch, and the validation
+    micro-batches of every data-parallel rank (eval_iters x micro x DP; DP = world / (TP x PP))."""
+    valid = max(1, train.eval_iters * train.micro_batch_size * data_parallel_size) if train.eval_interval else 0
+    return train.train_iters * train.global_batch_size, valid
+
+
+def _build_data(run):
     """(tokenizer, (train, valid)) for this run; the embedded corpus when no --data-path.
 
-    The embedded corpus is tokenized once into the cache by rank 0 while the others wait.
+    Collective: the embedded corpus and the index caches are built once per filesystem that
+    holds the cache (data/cache.py build_in_turn); a problem on any rank stops every rank.
     """
+    from megatron.core import parallel_state
+
+    from mesh_megatron.data.cache import build_in_turn, default_cache_dir
     from mesh_megatron.data.datasets import build_gpt_datasets
-    from mesh_megatron.data.embedded import embedded_prefix, prepare_embedded_dataset
+    from mesh_megatron.data.embedded import prepare_embedded_dataset
+    from mesh_megatron.parallel.consensus import together
     from mesh_megatron.training.arguments import run_tokenizer
 
-    tokenizer = run_tokenizer(run.data)
+    tokenizer = together(lambda: run_tokenizer(run.data))
     if run.data.data_path:
         paths = run.data.data_path
     else:
-        if rank0:
-            prepare_embedded_dataset(run.data.cache_dir)
-        dist.barrier()
-        paths = [embedded_prefix(run.data.cache_dir)]
+        root = run.data.cache_dir or default_cache_dir()
+        paths = [build_in_turn(root, lambda: prepare_embedded_dataset(run.data.cache_dir), "embedded corpus cache")]
     t = run.train
-    dp = dist.get_world_size() // run.parallel.tensor_model_parallel_size
+    train_samples, valid_samples = split_samples(t, parallel_state.get_data_parallel_world_size())
     built = build_gpt_datasets(
         paths, run.data.split, run.model.seq_length, t.seed,
-        train_samples=t.train_iters * t.global_batch_size,
-        valid_samples=max(1, t.eval_iters * t.micro_batch_size * dp) if t.eval_interval else 0,
+        train_samples=train_samples, valid_samples=valid_samples,
         tokenizer=tokenizer, cache_dir=run.data.cache_dir,
         padded_vocab_size=run.model.padded_vocab_size(run.parallel.tensor_model_parallel_size),
     )
@@ -60,42 +70,118 @@ def _claim_save(run, rank0: bool):
     return claim, refusal[0]
 
 
+def _check_save_visible(save: str) -> None:
+    """Collective: refuse at start a --save that is not one directory for every rank.
+
+    Every rank writes its own DeepSpeed files into --save and rank 0 alone writes the manifest,
+    `latest` and the commit record; on node-local storage each node would hold a fragment and a
+    resume would find no whole checkpoint anywhere. Rank 0 writes a marker; a rank that does
+    not see it stops the run here, on every rank, before any training."""
+    from mesh_megatron.parallel.consensus import visible_from_every_rank
+
+    seen = visible_from_every_rank(save, keep_directory=False)
+    blind = [r for r, s in enumerate(seen) if not s]
+    if blind:
+        ranks = ", ".join(map(str, blind[:8])) + (", ..." if len(blind) > 8 else "")
+        raise ConfigError(
+            f"--save {save} is not the same directory on every rank: rank{'s' if len(blind) > 1 else ''} "
+            f"{ranks} of {len(seen)} do not see the file rank 0 wrote in it (node-local storage, or a "
+            "relative path from different working directories): --save must be visible to every node; "
+            "pass an absolute path on a filesystem every node mounts")
+
+
+def _tag_to_load(load: Optional[str]) -> Optional[str]:
+    """Collective: the tag every rank resumes from (None: start fresh), as rank 0 sees --load.
+
+    Rank 0 decides and broadcasts, so no rank trains while another loads; then every rank
+    checks that it sees that tag's files (sizes as recorded), and one that does not stops the
+    whole run naming the path (node-local storage: --save/--load must be visible to every node)."""
+    from mesh_megatron.checkpoint.manager import LATEST, read_latest, tag_problem
+    from mesh_megatron.parallel.consensus import together
+
+    if not load:
+        return None
+    decision = [None, None]
+    if dist.get_rank() == 0 and os.path.exists(os.path.join(load, LATEST)):
+        try:
+            decision[0] = read_latest(load)
+        except ConfigError as e:
+            decision[1] = str(e)
+    dist.broadcast_object_list(decision, src=0)
+    tag, error = decision
+    if error:
+        raise ConfigError(error)
+    if tag is None:
+        return None
+
+    def check() -> None:
+        problem = tag_problem(load, tag)
+        if problem:
+            raise ConfigError(
+                f"--load {load}: rank 0 resumes from {tag}, but at {os.path.abspath(os.path.join(load, tag))} "
+                f"this rank finds that {problem}: --save (and --load) must be visible to every node; "
+                "put them on a filesystem every node mounts")
+
+    together(check)
+    return tag
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from mesh_megatron.training import arguments
     from mesh_megatron.training.trainer import NonFiniteLoss, Trainer, fail
 
+    from mesh_megatron.parallel import initialize
+
     try:
-        run = arguments.parse(argv)
-    except ConfigError as e:
+        initialize.adopt_launcher_env()  # srun without a launcher: ranks from SLURM_*
+    except ConfigError as e:  # the ranks cannot meet: each says so
         return fail(str(e))
+    try:
+        run, problem = arguments.parse(argv), None
+    except ConfigError as e:
+        run, problem = None, str(e)
+    if problem is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return fail(problem)
 
     import deepspeed
 
-    from mesh_megatron.checkpoint.manager import LATEST, CheckpointManager, lineage, read_latest
+    from mesh_megatron.checkpoint.manager import CheckpointManager, lineage
+    from mesh_megatron.parallel.consensus import first_error, together
     from mesh_megatron.training.preemption import EXIT_PREEMPTED, Preemption, process_start_time
-    from mesh_megatron.parallel.initialize import backend, destroy, initialize_distributed, set_seed
 
-    initialize_distributed(run.parallel)
-    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
-    set_seed(run.train.seed)
-    rank0 = dist.get_rank() == 0
+    # The flags are checked on every rank (their files may differ per node); the ranks meet
+    # first so that a problem seen on one node stops all of them with the same line.
+    try:
+        initialize.join_process_group(run.distributed_timeout_minutes if run else initialize.DEFAULT_TIMEOUT_MINUTES)
+    except ConfigError as e:
+        return fail(str(e))
+    problem = first_error(problem)
+    if problem is not None:
+        initialize.destroy()
+        return fail(problem)
+    initialize.initialize_distributed(run.parallel, run.distributed_timeout_minutes)
+    deepspeed.init_distributed(dist_backend=initialize.backend(), auto_mpi_discovery=False)
+    initialize.set_seed(run.train.seed)
     trainer = None
     claim = None
     # From here SIGTERM/SIGINT (and --exit-duration-in-mins) mean: finish the step, save, exit 75.
     preemption = Preemption(run.exit_duration_in_mins, process_start_time()).install()
     try:
         if run.train.save:  # one run per --save (checkpoint/claim.py), before anything is built
-            claim, refusal = _claim_save(run, rank0)
+            claim, refusal = _claim_save(run, dist.get_rank() == 0)
             if refusal:
                 return fail(refusal)
         try:
-            tokenizer, datasets = _build_data(run, rank0)
-        except (ConfigError, ValueError, FileNotFoundError) as e:
+            if run.train.save and dist.get_world_size() > 1:
+                together(lambda: _check_save_visible(run.train.save))
+            tokenizer, datasets = _build_data(run)
+            tag = _tag_to_load(run.train.load)
+        except ConfigError as e:  # the same line on every rank (consensus.together)
             return fail(str(e))
         trainer = Trainer(run, datasets, tokenizer)
-        if run.train.load and os.path.exists(os.path.join(run.train.load, LATEST)):
+        if tag is not None:
             try:
-                trainer.resume(run.train.load, read_latest(run.train.load))
+                trainer.resume(run.train.load, tag)
             except ConfigError as e:  # a torn or corrupt checkpoint: one line, same on every rank
                 return fail(str(e))
         elif run.train.load:  # --load DIR --save DIR, DIR without a checkpoint yet (arguments.parse)
@@ -112,7 +198,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if trainer.stopped:
             where = f"saved in {run.train.save}; continue with --load {run.train.save}" if run.train.save \
                 else "nothing saved (no --save)"
-            trainer.sinks.print(f"exiting with status {EXIT_PREEMPTED} at iteration {trainer.iteration}: {where}")
+            since = f", {time.monotonic() - preemption.received_at:.1f} s after the signal" \
+                if preemption.received_at is not None else ""
+            trainer.sinks.print(f"exiting with status {EXIT_PREEMPTED} at iteration {trainer.iteration}{since}: {where}")
             return EXIT_PREEMPTED
         if run.train.sample_tokens and run.parallel.pipeline_model_parallel_size > 1:
             trainer.sinks.print("greedy sample skipped: it runs without pipeline parallelism")
@@ -123,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        destroy()
+        initialize.destroy()
         preemption.uninstall()
         if claim is not None:
             claim.release()

@@ -49,6 +49,8 @@ class RunConfig:
     exit_duration_in_mins: Optional[float] = None  # save and exit (status 75) after this wall-clock time
     execution: ExecutionConfig = dataclasses.field(default_factory=ExecutionConfig)  # kernels, recompute
     num_workers: int = 0  # DataLoader worker processes reading ahead
+    distributed_timeout_minutes: int = 10  # --distributed-timeout-minutes: process-group timeout
+    preempt_grace_seconds: float = 30.0  # --preempt-grace-seconds: SIGTERM-to-SIGKILL budget planned for
 
 
 class ModelChunks(torch.nn.Module):
@@ -310,8 +312,23 @@ class Trainer:
         return loss
 
     def _save(self, checkpoints) -> None:
+        first = checkpoints.last_save_s is None
         tag = checkpoints.save(self.engine, self.iteration, self.cfg, self.client_state())
-        self.sinks.print(f"saved checkpoint {checkpoints.save_dir}/{tag}")
+        if checkpoints.last_save_s is None:  # already saved at this iteration (skipped)
+            self.sinks.print(f"saved checkpoint {checkpoints.save_dir}/{tag}")
+            return
+        hashed = ", ".join(f"rank {r}: {len(part)}" for r, part in enumerate(checkpoints.hashed_by_rank))
+        size = sum(e["size"] for part in checkpoints.hashed_by_rank for e in part.values())
+        self.sinks.print(f"saved checkpoint {checkpoints.save_dir}/{tag} in {checkpoints.last_save_s:.1f} s "
+                         f"({size / 2**20:,.1f} MiB of DeepSpeed files; files hashed by the rank that wrote them: "
+                         f"{hashed})")
+        grace = self.run.preempt_grace_seconds
+        if first and checkpoints.last_save_s > grace:
+            self.sinks.print(
+                f"warning: this save took {checkpoints.last_save_s:.1f} s, more than --preempt-grace-seconds "
+                f"{grace:g}: a SIGTERM would be followed by SIGKILL before its save finished (the previous "
+                "checkpoint survives, the steps since are lost); give the job a longer grace period (Slurm: "
+                "--signal=TERM@SECONDS, KillWait) and pass it as --preempt-grace-seconds")
 
     def close(self) -> None:
         self.sinks.close()

@@ -33,13 +33,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(commands: list[list[str]], timeout: float = 600) -> list[str]:
-    """Start the launcher processes together (outputs to files: no pipe to fill); all must succeed."""
+def launch(commands: list[list[str]], timeout: float = 600, envs: list[dict] | None = None,
+           cwds: list[str] | None = None) -> list[str]:
+    """Start the launcher processes together (outputs to files: no pipe to fill); all must succeed.
+    envs/cwds: per launcher, extra variables and its working directory (default ROOT)."""
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1",
                PYTHONPATH=ROOT)
     logs = [tempfile.TemporaryFile(mode="w+") for _ in commands]
-    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
-             for c, f in zip(commands, logs)]
+    procs = [subprocess.Popen(c, cwd=(cwds or [ROOT] * len(commands))[i], env=dict(env, **(envs or [{}] * len(commands))[i]),
+                              stdout=f, stderr=subprocess.STDOUT, text=True)
+             for i, (c, f) in enumerate(zip(commands, logs))]
     try:
         for p in procs:
             p.wait(timeout=timeout)
@@ -59,13 +62,13 @@ def launch(commands: list[list[str]], timeout: float = 600) -> list[str]:
     return outputs
 
 
-def launch_with_retry(make_commands) -> list[str]:
+def launch_with_retry(make_commands, **kwargs) -> list[str]:
     try:
-        return launch(make_commands(free_port()))
+        return launch(make_commands(free_port()), **kwargs)
     except AssertionError as e:
         if "address already in use" not in str(e).lower() and "EADDRINUSE" not in str(e):
             raise
-        return launch(make_commands(free_port()))
+        return launch(make_commands(free_port()), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +101,28 @@ def test_torchrun_two_ranks(reference, tmp_path):
 
 
 def test_two_node_rehearsal_on_one_machine(reference, tmp_path):
-    """Two torchrun agents, one process each, as two nodes would start them."""
+    """Two torchrun agents, one process each, as two nodes would start them: each "node" with
+    its own HOME (its own ~/.cache, where it builds its own dataset caches) and working
+    directory; --save on the shared tmp_path."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    args = [os.path.join(ROOT, a) if a.startswith("examples/") else a for a in run_args(tmp_path, "two_nodes")]
+
     def agents(port):
         return [[os.path.join(BIN, "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rehearsal",
-                 SCRIPT, *run_args(tmp_path, "two_nodes")] for node in (0, 1)]
+                 SCRIPT, *args] for node in (0, 1)]
 
-    launch_with_retry(agents)
+    nodes = [tmp_path / f"node{n}" for n in (0, 1)]
+    for d in nodes:
+        (d / "home").mkdir(parents=True)
+    # DeepSpeed's JIT-built comm op stays where the suite built it, not rebuilt under each HOME.
+    envs = [{"HOME": str(d / "home"), "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
+             or get_default_build_root()} for d in nodes]
+    for name in ("MESH_MEGATRON_CACHE", "XDG_CACHE_HOME"):
+        for e in envs:
+            e[name] = ""
+    launch_with_retry(agents, envs=envs, cwds=[str(d) for d in nodes])
     assert_same(reference, tmp_path, "two_nodes")
+    for d in nodes:
+        assert any((d / "home" / ".cache" / "mesh_megatron" / "indices").glob("*shuffle_index.npy")), d

@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from mesh_megatron.checkpoint import manager as cm
-from mesh_megatron.checkpoint.manifest import MANIFEST, build_manifest, verify_manifest
+from mesh_megatron.checkpoint.manifest import MANIFEST, build_manifest, hash_files, shares, verify_manifest
 from mesh_megatron.config import ConfigError, ParallelConfig, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,6 +61,37 @@ def test_manifest_catches_truncation_and_corruption(tmp_path):
     os.remove(tmp_path / "tokenizer" / "t.model")
     (tmp_path / "a.pt").write_bytes(b"x" * 1000)
     assert verify_manifest(str(tmp_path), checksums=False) == "tokenizer/t.model is missing"
+
+
+def test_manifest_hashing_shared_by_ranks(tmp_path, monkeypatch):
+    """Save: rank 0 reuses the other ranks' hashes of their own files (and hashes only what is
+    left); load: each rank checksums its share, and the shares together cover every file."""
+    sizes = {"mp_rank_00_model_states.pt": 900, "zero_pp_rank_0_mp_rank_00_optim_states.pt": 700,
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt": 700, "tokenizer/t.model": 50}
+    (tmp_path / "tokenizer").mkdir()
+    for rel, size in sizes.items():
+        (tmp_path / rel).write_bytes(b"w" * size)
+    from mesh_megatron.checkpoint import manifest as mf
+
+    by_rank = [hash_files(str(tmp_path), [r]) for r in ("zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                        "zero_pp_rank_1_mp_rank_00_optim_states.pt")]
+    hashed_here = []
+    real = mf.sha256_of
+    monkeypatch.setattr(mf, "sha256_of", lambda path: hashed_here.append(os.path.basename(path)) or real(path))
+    merged = {rel: e for part in by_rank for rel, e in part.items()}
+    manifest = build_manifest(str(tmp_path), "r1", 2, skip=set(), hashed=merged)
+    assert sorted(hashed_here) == ["mp_rank_00_model_states.pt", "t.model"]  # the shards were not re-hashed
+    assert manifest == build_manifest(str(tmp_path), "r1", 2, skip=set())  # same manifest as one rank hashing all
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+
+    parts = shares(sizes, 2)
+    assert sorted(sum(parts, [])) == sorted(sizes) and [sum(sizes[r] for r in p) for p in parts] == [950, 1400]
+    corrupt = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    (tmp_path / corrupt).write_bytes(b"w" * 699 + b"x")
+    verdicts = [verify_manifest(str(tmp_path), checksums=True, share=(r, 2)) for r in range(2)]
+    owner = next(r for r, p in enumerate(parts) if corrupt in p)
+    assert verdicts[owner] == f"{corrupt} does not match its SHA-256 in the manifest (corrupt)"
+    assert verdicts[1 - owner] is None  # not its share: the other rank's verdict catches it
 
 
 def test_save_layout_manifest_and_marker_removed(tmp_path):

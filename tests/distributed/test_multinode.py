@@ -1,0 +1,174 @@
+"""Many nodes on one machine: each rank plays a node with its own HOME (so its own ~/.cache) and
+its own working directory, as on a cluster with node-local disks.
+
+  - srun without a launcher (only SLURM_* and MASTER_* set), per-node caches: both "nodes"
+    build their embedded corpus and index caches and train together as 2 data-parallel ranks;
+  - a node whose cache cannot be written: every rank stops with one line naming the directory;
+  - a relative --save from different working directories (node-local): refused at start on
+    every rank;
+  - two jobs building the same dataset cache at once, after a third was SIGKILLed half-way
+    through writing it: no partial file is ever read, both see the same samples.
+
+Every launch has a timeout far below the process-group timeout (--distributed-timeout-minutes 1
+where a rank could wait): a hang fails the test instead of stalling the suite.
+"""
+
+import os
+import re
+import time
+
+import pytest
+
+from launch import ROOT, _read, rendezvous_store, start_script
+
+pytestmark = pytest.mark.distributed
+SCRIPT = os.path.join(ROOT, "pretrain_mesh.py")
+WORKER = os.path.join(ROOT, "tests", "distributed", "cache_worker.py")
+ARGS = ["--ds_config", os.path.join(ROOT, "examples", "zero2.json"), "--train-iters", "2", "--micro-batch-size", "4",
+        "--global-batch-size", "8", "--seq-length", "32", "--eval-interval", "0", "--log-interval", "1",
+        "--sample-tokens", "0", "--distributed-timeout-minutes", "1"]
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+              "MESH_MEGATRON_CACHE", "XDG_CACHE_HOME", "MESH_MEGATRON_FAULT")
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("SLURM_")}
+    # DeepSpeed's JIT-built CPU comm op stays where the suite's other runs find it (under the
+    # real ~/.cache), not rebuilt (~50 s) under each node's HOME.
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return dict(env, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def run_nodes(envs: list[dict], cwds: list[str], args: list[str], timeout: float = 300, name: str = "run"):
+    """One pretrain_mesh.py per entry (rank r: envs[r] on top of base_env(), in cwds[r], output
+    in cwds[r]/NAME.r.log), meeting at a store hosted here; (return codes, outputs). Never
+    waits past `timeout`."""
+    store = rendezvous_store()
+    common = dict(base_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+                  TORCHELASTIC_USE_AGENT_STORE="True")
+    logs, procs = [], []
+    for env, cwd in zip(envs, cwds):
+        logs.append(open(os.path.join(cwd, f"{name}.{len(logs)}.log"), "w+"))
+        procs.append(start_script(SCRIPT, args, dict(common, **env), logs[-1], cwd=cwd))
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        hung = [i for i, p in enumerate(procs) if p.poll() is None]
+        assert not hung, f"ranks {hung} still running after {timeout} s:\n" + "\n".join(map(_read, logs))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    return [p.returncode for p in procs], [_read(f) for f in logs]
+
+
+def node_dirs(tmp_path, n=2):
+    dirs = []
+    for r in range(n):
+        (tmp_path / f"node{r}" / "home").mkdir(parents=True)
+        dirs.append(tmp_path / f"node{r}")
+    return dirs
+
+
+def slurm(rank: int, ntasks: int = 2, localid: int = 0) -> dict[str, str]:
+    """What srun gives task `rank` (one task per node: each is local rank 0 of its node)."""
+    return {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(ntasks), "SLURM_LOCALID": str(localid),
+            "SLURM_NODEID": str(rank), "SLURM_JOB_ID": "17"}
+
+
+def test_srun_ranks_per_node_caches_preemption_and_shared_hashing(tmp_path):
+    """Only SLURM_* (no RANK/WORLD_SIZE/LOCAL_RANK): 2 ranks of one run; each node builds its own
+    embedded corpus and index caches under its own HOME; --save on shared storage. SIGTERM after
+    step 2 of 4: exit 75 on both ranks with a checkpoint whose files were hashed by the ranks
+    that wrote them (ZeRO-2: rank 0 its model states and optimizer shard, rank 1 its shard),
+    and a warning that it took longer than --preempt-grace-seconds; a corrupted shard of rank
+    1 is still caught when the run resumes."""
+    nodes = node_dirs(tmp_path)
+    envs = [dict(slurm(r), HOME=str(d / "home"), MESH_MEGATRON_FAULT="sigterm_after_step:2")
+            for r, d in enumerate(nodes)]
+    log, save = tmp_path / "train.jsonl", tmp_path / "shared_save"
+    # A grace period no save can meet: the first save warns.
+    args = ARGS + ["--train-iters", "4", "--save", str(save), "--log-jsonl", str(log), "--preempt-grace-seconds", "0.001"]
+    rcs, outs = run_nodes(envs, [str(d) for d in nodes], args)
+    assert rcs == [75, 75], outs
+    assert "data-parallel 2" in outs[0], outs[0]  # one run of 2 ranks, not two runs of 1
+    assert sum('"train/step_loss"' in line for line in open(log)) == 2  # rank 0 alone logs: 2 steps
+    for d in nodes:
+        cache = d / "home" / ".cache" / "mesh_megatron"
+        assert any((cache / "embedded").glob("*.idx")), f"{d.name} did not build the embedded corpus"
+        assert any((cache / "indices").glob("*shuffle_index.npy")), f"{d.name} did not build its indices"
+        assert not list(cache.rglob("*.tmp-*")) and not list(cache.rglob(".mesh_megatron_visible-*"))
+    assert (save / "latest").read_text() == "iter_0000002"
+    assert "files hashed by the rank that wrote them: rank 0: 2, rank 1: 1)" in outs[0], outs[0]
+    assert re.search(r"exiting with status 75 at iteration 2, [0-9.]+ s after the signal", outs[0]), outs[0]
+    assert outs[0].count("warning: this save took") == 1 and "more than --preempt-grace-seconds 0.001" in outs[0]
+
+    shard = save / "iter_0000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only a checksum sees it
+    shard.write_bytes(bytes(data))
+    envs = [dict(e, MESH_MEGATRON_FAULT="") for e in envs]
+    rcs, outs = run_nodes(envs, [str(d) for d in nodes], args + ["--load", str(save)], name="resume")
+    assert rcs == [2, 2], outs
+    for out in outs:
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"{shard.name} does not match its SHA-256" in errors[0], out
+
+
+def test_unwritable_cache_on_one_node_stops_every_rank(tmp_path):
+    nodes = node_dirs(tmp_path)
+    (nodes[1] / "home" / ".cache").write_text("a file where node 1's cache directory should be\n")
+    envs = [dict(slurm(r), HOME=str(d / "home")) for r, d in enumerate(nodes)]
+    rcs, outs = run_nodes(envs, [str(d) for d in nodes], ARGS + ["--save", str(tmp_path / "shared_save")])
+    assert rcs == [2, 2], outs
+    for out in outs:
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, out
+        assert str(nodes[1] / "home" / ".cache") in errors[0] and "--data-cache-dir" in errors[0], errors
+        assert "Traceback" not in out, out
+    assert not (tmp_path / "shared_save").exists()
+
+
+def test_node_local_save_refused_at_start_on_every_rank(tmp_path):
+    """A relative --save from each node's own working directory: two different directories."""
+    nodes = node_dirs(tmp_path)
+    envs = [dict(RANK=str(r), LOCAL_RANK="0", WORLD_SIZE="2", HOME=str(d / "home")) for r, d in enumerate(nodes)]
+    rcs, outs = run_nodes(envs, [str(d) for d in nodes], ARGS + ["--save", "ckpt"])
+    assert rcs == [2, 2], outs
+    for out in outs:
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "--save must be visible to every node" in errors[0], out
+        assert "rank 1 of 2 do not see" in errors[0], errors
+        assert "iter " not in out  # refused before any training
+    for d in nodes:  # nothing left behind: rank 0 removed its marker and the directory it made
+        assert not (d / "ckpt").exists()
+        assert not (d / "home" / ".cache" / "mesh_megatron").exists()  # refused before any cache was built
+
+
+def test_concurrent_cache_builds_after_a_killed_builder(tmp_path):
+    cache = tmp_path / "shared_cache"
+    env = dict(base_env(), MESH_MEGATRON_FAULT="kill_torn_index")
+    with open(tmp_path / "killed.log", "w+") as out:
+        killed = start_script(WORKER, [str(cache)], env, out, cwd=str(tmp_path))
+        assert killed.wait(timeout=300) == -9, _read(out)
+    # What the killed builder left: a half-written file under a temporary name only.
+    torn, final = list(cache.rglob("*shuffle_index.npy.tmp-*")), list(cache.rglob("*shuffle_index.npy"))
+    # Two jobs at once on the cache the killed one left; a third on a cache of its own.
+    logs = [open(tmp_path / f"job{i}.log", "w+") for i in range(3)]
+    jobs = [start_script(WORKER, [str(cache if i < 2 else tmp_path / "own_cache")], base_env(), logs[i],
+                         cwd=str(tmp_path)) for i in range(3)]
+    try:
+        rcs = [j.wait(timeout=300) for j in jobs]
+    finally:
+        for j in jobs:
+            if j.poll() is None:
+                j.kill()
+    outs = [_read(f) for f in logs]
+    assert rcs == [0, 0, 0], outs  # nobody read a partial index
+    assert torn and not final, "the builder was not killed mid-write, or left a partial file at its final name"
+    digests = [next(line for line in o.splitlines() if line.startswith("samples ")) for o in outs]
+    assert digests[0] == digests[1] == digests[2], digests
+    assert len(list(cache.rglob("*shuffle_index.npy"))) == 2  # train and valid, each complete
