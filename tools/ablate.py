@@ -4,6 +4,7 @@
   python tools/ablate.py --variants base,anchor,mesh --preset tiny --layout 2+2R2+2 --hidden-size 128 \\
       --tokens 5e5,1e6,2e6 --seeds 2 --jobs 2 --out docs/ablation --runs-dir /tmp/ablation_runs
   python tools/ablate.py --quick --out /tmp/ablate_quick        # CI: 2 variants, 1 seed, tiny budgets
+  python tools/ablate.py compare docs/ablation docs/ablation/study/lr1e-3   # one table of several --out
 
 Every variant gets the same layout (vanilla: the layout unrolled into P + C*K + Q distinct
 layers, so the compute depth is the same), the same recipe, the same tokens and, per seed,
@@ -261,7 +262,7 @@ def summarize(args, runs: list[dict], steps: dict[int, int], tokens_per_step: in
     diffs = [v for v in ("mesh", "anchor", *args.variants) if "base" in args.variants and v in args.variants
              and (v in ("mesh", "anchor") or arms.get(v, (v, [])) != (v, []))]
     diffs = list(dict.fromkeys(diffs))
-    lines = ["| tokens | " + " | ".join(args.variants) + " | " + " | ".join(f"{v} - base" for v in diffs) + " |"]
+    lines = ["| " + " | ".join(["tokens", *args.variants, *(f"{v} - base" for v in diffs)]) + " |"]
     lines.append("|" + "---|" * (1 + len(args.variants) + len(diffs)))
     crossover = None
     mesh_diff: dict[int, tuple[float, float]] = {}  # tokens -> (mean, sd) of mesh - base
@@ -374,7 +375,71 @@ def check_paths(args, text: str) -> None:
             raise ConfigError(f"--data-path: {e}") from None
 
 
+def compare(dirs: list[str]) -> str:
+    """One table over --out directories of one model and schedule (an LR sweep, an arm run
+    later): each arm's loss at the largest budget, and its paired (per seed) difference to
+    the `base` arm trained at the same peak LR in any of the directories."""
+    from mesh_megatron.config import ConfigError
+
+    loaded = {}
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "results.json")) as f:
+                loaded[d] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"compare {d}: no readable results.json ({type(e).__name__}); pass --out "
+                              "directories of finished ablations") from None
+    first = loaded[dirs[0]]
+    for d, r in loaded.items():
+        if (r["tokens_per_step"], r["budgets"], r["recipe"]["model"]) != \
+                (first["tokens_per_step"], first["budgets"], first["recipe"]["model"]):
+            raise ConfigError(f"compare {d}: another model, batch or budget list than {dirs[0]}; compare "
+                              "ablations of one model and schedule")
+    last = str(max(int(b) for b in first["budgets"]))
+
+    def final(r, arm):  # {seed: loss at the largest budget}
+        return {x["seed"]: x["valid_loss"] for x in r["records"] if x["variant"] == arm and str(x["budget"]) == last}
+
+    def lr(r, arm):
+        flags = r.get("arms", {}).get(arm, {}).get("flags", [])
+        return float(flags[flags.index("--lr") + 1]) if "--lr" in flags else float(r["recipe"]["training"]["lr"])
+
+    def base_of(d, rate):  # the directory's own base at that lr, else the one other directory's
+        own = [d] if "base" in loaded[d]["variants"] and lr(loaded[d], "base") == rate else \
+            [o for o, r in loaded.items() if "base" in r["variants"] and lr(r, "base") == rate]
+        if len(own) > 1:
+            raise ConfigError(f"compare: {', '.join(own)} each have a base arm at lr {rate:g}; compare one of them")
+        return final(loaded[own[0]], "base") if own else {}
+
+    rows = ["| ablation | arm | peak lr | seeds | loss | - base at that lr (paired) |", "|---|---|---|---|---|---|"]
+    for d, r in loaded.items():
+        for arm in r["variants"]:
+            got, ref = final(r, arm), base_of(d, lr(r, arm))
+            flags = " ".join(r.get("arms", {}).get(arm, {}).get("flags", []))
+            diff = [got[s] - ref[s] for s in sorted(set(got) & set(ref))]
+            cell = "-" if arm == "base" or not diff else \
+                (f"{statistics.fmean(diff):+.4f}" + (f" ± {statistics.stdev(diff):.4f}" if len(diff) > 1 else "")
+                 + f" (seeds {', '.join(str(s) for s in sorted(set(got) & set(ref)))})")
+            rows.append(f"| {d} | {arm}{f' (`{flags}`)' if flags else ''} | {lr(r, arm):g} | "
+                        f"{', '.join(map(str, sorted(got)))} | {_fmt(*_mean_sd(list(got.values())))} | {cell} |")
+    tokens = first["budgets"][last] * first["tokens_per_step"]  # budgets: {budget: steps}
+    return "\n".join([f"Validation loss at {tokens:,} tokens (mean ± sd over seeds).", "",
+                      *rows])
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # python tools/ablate.py compare DIR [DIR ...]
+        from mesh_megatron.config import ConfigError
+        from mesh_megatron.paths import fail
+
+        if len(argv) < 2:
+            return fail("compare: give one or more --out directories of finished ablations")
+        try:
+            print(compare(argv[1:]))
+        except ConfigError as e:
+            return fail(e)
+        return 0
     args = parse_args(argv)
     os.chdir(ROOT)
     import yaml

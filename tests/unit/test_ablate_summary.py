@@ -60,3 +60,42 @@ def test_without_mesh_and_base_nothing_is_compared_for_mesh(variants):
     evals = {(v, s): e for (_, s), e in EVALS.items() for v in variants}
     _, md = ablate.summarize(argparse.Namespace(variants=variants), runs(evals), STEPS, 128)
     assert "**Crossover:** mesh vs base: not compared (both variants are needed)." in md.splitlines()
+
+
+def test_compare_pairs_each_arm_with_base_at_its_own_lr(tmp_path):
+    """`ablate.py compare DIR...`: an arm run later in its own --out (its own --lr flag) is
+    paired with the base of the same peak LR from another directory, per seed; a directory of
+    another model is refused with one line."""
+    import json
+
+    def write(name, lr, evals, arms=None):
+        evals = {k: {n: e.get(n, 9.0) for n in STEPS.values()} for k, e in evals.items()}  # every budget
+        variants = list(dict.fromkeys(v for v, _ in evals))
+        records, _ = ablate.summarize(argparse.Namespace(variants=variants), runs(evals), STEPS, 128)
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({
+            "variants": variants, "arms": arms or {}, "records": records,
+            "tokens_per_step": 128, "budgets": {str(k): v for k, v in STEPS.items()},
+            "recipe": {"model": {"preset": "tiny"}, "training": {"lr": lr}}}))
+        return str(d)
+
+    main = write("lr3", 3e-3, EVALS)
+    later = write("rinit", 3e-3, {("mesh-rinit", 1234): {8: 3.1}, ("mesh-rinit", 1235): {8: 3.0}},
+                  {"mesh-rinit": {"variant": "mesh", "flags": ["--mesh-router-init", "base"]}})
+    low = write("lr1", 1e-3, {("base", 1234): {8: 3.4}, ("mesh", 1234): {8: 3.5}})
+    table = ablate.compare([main, later, low])
+    rows = {tuple(line.split(" | ")[:2]): line for line in table.splitlines() if "tmp" in line}
+    row = lambda d, arm: rows[(f"| {d}", arm)]  # noqa: E731
+    assert "+0.0500 ± 0.1414 (seeds 1234, 1235)" in row(main, "mesh")  # +0.15, -0.05
+    assert "+0.0000 ± 0.1414 (seeds 1234, 1235)" in row(later, "mesh-rinit (`--mesh-router-init base`)")  # +0.1, -0.1 vs lr3
+    assert row(low, "mesh").endswith("| 0.001 | 1234 | 3.5000 | +0.1000 (seeds 1234) |")  # its own base, not lr3's
+    assert "1,024 tokens" in table.splitlines()[0]
+    with pytest.raises(Exception, match="each have a base arm at lr 0.003"):
+        ablate.compare([later, main, write("again", 3e-3, EVALS)])
+    other = write("other", 3e-3, EVALS)
+    data = json.loads(open(os.path.join(other, "results.json")).read())
+    data["recipe"]["model"]["hidden_size"] = 128
+    open(os.path.join(other, "results.json"), "w").write(json.dumps(data))
+    with pytest.raises(Exception, match="another model, batch or budget list"):
+        ablate.compare([main, other])
