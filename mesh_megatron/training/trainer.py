@@ -26,6 +26,8 @@ from mesh_megatron.config import (DataConfig, ExecutionConfig, LoggingConfig, Mo
 from mesh_megatron.data.sampler import collate
 from mesh_megatron.model import MeshGPTModel
 from mesh_megatron.model.accounting import ParameterCounts, training_flops_per_token
+from mesh_megatron.parallel.deepspeed_config import (describe_gradient_precision, gradient_precision_warning,
+                                                     zero_stage)
 from mesh_megatron.training.metrics import Throughput, peak_memory_gib
 from mesh_megatron.training.schedule import adamw, cosine_with_warmup
 from mesh_megatron.training.batches import Batch, to_device, train_loader
@@ -236,7 +238,11 @@ class Trainer:
         self.sinks.print(
             f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x grad-accum {accum} x "
             f"data-parallel {self.dp_size}; {t.global_batch_size * seq:,} tokens/step; "
-            f"ZeRO stage {self.run.ds_config.get('zero_optimization', {}).get('stage', 0)}; {t.precision}")
+            f"ZeRO stage {zero_stage(self.run.ds_config)}; {t.precision}, "
+            f"{describe_gradient_precision(self.run.ds_config, t.precision)}")
+        warning = gradient_precision_warning(self.run.ds_config, t.precision, self.run.ds_config_path)
+        if warning:
+            self.sinks.print(warning)
         history: dict[str, float] = {}
         window_start, window_iters = time.time(), 0
         if self.pipelined:
