@@ -8,8 +8,11 @@
                   as the schedule's backward produces it: bf16.immediate_grad_update)
 
 Everything stays on the engine's device. Losses are summed there; one all-reduce over the
-world per step carries (loss sum, micro-batches, non-finite count) and is the step's only host
-sync. Every rank adds its copy: tensor-parallel ranks hold the same loss and pipeline stages
+world per step carries (loss sum, micro-batches, non-finite count) and is the loop's only host
+sync. Nothing syncs per micro-batch: DeepSpeed's throughput timer, which synchronizes at every
+forward and step, is off (parallel/deepspeed_config.py); inside engine.step() DeepSpeed adds
+its own inf/NaN check of the gradient norm, once the step's backward is queued (counted in
+tests/unit/test_host_syncs.py). Every rank adds its copy: tensor-parallel ranks hold the same loss and pipeline stages
 other than the last add zeros, so sum / count is the data-parallel mean and every rank sees
 the same non-finite count, so all ranks stop (or skip) together.
 

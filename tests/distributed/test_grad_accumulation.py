@@ -56,12 +56,13 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_bf16_gradients_accumulate_in_fp32(results, name):
     for rank, r in enumerate(results[name]):
-        assert r["optimizer"] == OPTIMIZER[name]
-        assert r["data_types"] == ["torch.bfloat16", "torch.float32"]
         n = r["micro_batches"]
         assert n in (32, 64)
         assert r["grads"], "no parameters on this rank"
         fp32 = max(bound_ratio(seen, exact, a, n) for seen, exact, a, _ in r["grads"].values())
         bf16 = max(bound_ratio(b16, exact, a, n) for _, exact, a, b16 in r["grads"].values())
-        assert fp32 <= 1.0, (name, rank, fp32)
+        assert fp32 <= 1.0, (name, rank, fp32)  # measured ~0.05
         assert bf16 > 100.0, (name, rank, bf16)  # a bf16 accumulation: ~1e4 here
+        # DeepSpeed's own mechanisms did it.
+        assert r["optimizer"] == OPTIMIZER[name]
+        assert r["data_types"] == ["torch.bfloat16", "torch.float32"]
