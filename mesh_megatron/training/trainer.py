@@ -29,7 +29,7 @@ from mesh_megatron.model.accounting import ParameterCounts, training_flops_per_t
 from mesh_megatron.parallel.deepspeed_config import (describe_gradient_precision, gradient_precision_warning,
                                                      zero_stage)
 from mesh_megatron.training.metrics import Throughput, peak_memory_gib
-from mesh_megatron.training.schedule import adamw, cosine_with_warmup
+from mesh_megatron.training.schedule import adamw, cosine_with_warmup, fused_adamw_for, keep_fused_choice
 from mesh_megatron.training.batches import Batch, to_device, train_loader
 from mesh_megatron.training.sinks import LogSinks
 from mesh_megatron.training.steps import NonFiniteLoss, PipelineStep, PlainStep  # noqa: F401 (re-exported)
@@ -135,7 +135,9 @@ class Trainer:
         else:
             model = MeshGPTModel(self.cfg, tf_config, execution=run.execution, init_seed=self.train.seed)
         self.counts = ParameterCounts.of(model)
-        optimizer = adamw(model, self.train)
+        # The engine's device (DeepSpeed's accelerator: CUDA when there is one).
+        self.fused_adamw = fused_adamw_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        optimizer = adamw(model, self.train, fused=self.fused_adamw)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=cosine_with_warmup(optimizer, self.train),
             config=run.ds_config, mpu=MegatronMPU, dist_init_required=False,
@@ -200,6 +202,7 @@ class Trainer:
         # the optimizer in DeepSpeed's universal format.
         state = (load_universal(self.engine, load_dir, tag) if is_universal(load_dir, tag)
                  else CheckpointManager.load(self.engine, load_dir, tag))
+        keep_fused_choice(self.engine.basic_optimizer, self.fused_adamw)
         if state.get("weights_only"):  # an imported model: new run from its weights
             self.sinks.print(f"initialised weights from {load_dir}/{tag} (weights only: fresh optimizer, "
                              "iteration 0)")

@@ -102,6 +102,8 @@ def batches(run, accum, seed):
 def test_host_syncs_per_step(megatron_single, tmp_path, monkeypatch, ds_config):
     accum = 4
     trainer, run = build_trainer(tmp_path, ds_config, accum)
+    # On CPU the trainer keeps torch's default AdamW (fused is for CUDA: test_optimizer.py).
+    assert not trainer.fused_adamw and all(not g["fused"] for g in trainer.engine.basic_optimizer.param_groups)
     counter = SyncCounter()
     try:
         # Two steps first: the optimizer state is built in the first, and DeepSpeed's throughput
