@@ -17,7 +17,8 @@ softmax and cross entropy stay fp32 inside the model, as in training.
 Columns:
   tokens/s, s/step     micro-batch x seq tokens per step; median step time
   TFLOP/s, MFU         loop-aware FLOPs per token (model/accounting.py: every loop iteration
-                       counted) x tokens/s; MFU against the GPU's dense bf16 peak (GPU only)
+                       counted) x tokens/s; MFU against the card's dense peak named in the
+                       header (bf16 runs: bf16 tensor cores; fp32: tf32 or fp32, GPU only)
   act GiB              bytes saved for backward (activations, not weights), counted exactly
                        with saved-tensor hooks on one extra forward: comparable on any device
   peak GiB             on GPU, this variant's own peak allocated memory (its weights, grads,
@@ -55,7 +56,7 @@ from mesh_megatron.config import (ATTENTION_BACKENDS, PRESETS, RECOMPUTE, VARIAN
                                   ExecutionConfig, ModelConfig, ParallelConfig, preset,
                                   to_transformer_config, validate)
 from mesh_megatron.model.accounting import training_flops_per_token  # noqa: E402
-from mesh_megatron.training.metrics import PEAK_BF16_FLOPS  # noqa: E402
+from mesh_megatron.training.metrics import device_peak as run_peak  # noqa: E402
 
 HF = "hf"  # the extra row --hf adds
 GIB = 2**30
@@ -347,7 +348,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 
 def row(args, name: str, cfg: ModelConfig, t: Optional[Trainee], status: str, act: Optional[int]) -> dict:
-    peak = device_peak()
+    peak = device_peak(args)
     r = {
         "preset": args.preset, "variant": name, "layout": str(cfg.parsed_layout),
         "compute_depth": cfg.compute_depth, "status": status,
@@ -368,11 +369,17 @@ def row(args, name: str, cfg: ModelConfig, t: Optional[Trainee], status: str, ac
     return r
 
 
-def device_peak() -> Optional[float]:
-    if not torch.cuda.is_available():
+def device_peak(args) -> Optional[float]:
+    """The peak FLOP/s MFU divides by, as in the trainer's log (training/metrics.py)."""
+    if args.device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak = run_peak("bf16" if args.bf16 else "fp32")
+    return peak.flops if peak else None
+
+
+def peak_name(args) -> Optional[str]:
+    peak = run_peak("bf16" if args.bf16 else "fp32") if args.device == "cuda" else None
+    return f"{peak.card.name} dense {peak.kind} {peak.flops / 1e12:g} TFLOP/s" if peak else None
 
 
 def device_name(device: str) -> str:
@@ -393,7 +400,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def header(args: argparse.Namespace) -> dict:
     return {
-        "device": device_name(args.device), "dtype": "bf16" if args.bf16 else "fp32",
+        "device": device_name(args.device), "mfu_peak": peak_name(args), "dtype": "bf16" if args.bf16 else "fp32",
         "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size, "steps": args.steps,
         "warmup": args.warmup, "recompute": args.recompute, "attention_backend": args.attention_backend,
         "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -407,7 +414,8 @@ def fmt(v, spec: str) -> str:
 def table(args: argparse.Namespace, rows: list[dict]) -> str:
     h = header(args)
     lines = [f"{args.preset}, seq {args.seq_length}, micro-batch {args.micro_batch_size}, {h['dtype']}, "
-             f"recompute {args.recompute}, attention {args.attention_backend}, {h['device']}, "
+             f"recompute {args.recompute}, attention {args.attention_backend}, {h['device']}"
+             + (f" (MFU of the {h['mfu_peak']})" if h["mfu_peak"] else "") + ", "
              f"median of {args.steps} steps after {args.warmup} warm-up",
              "",
              "| variant | layout | params | tokens/s | s/step | TFLOP/s | MFU | act GiB | peak GiB "

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Callable, Optional
 
 from mesh_megatron.config import ConfigError, ModelConfig, preset
@@ -313,15 +314,25 @@ def print_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode
     """--print-config: the cheap checks (model, parallel sizes, batch arithmetic), then the
     resolved recipe as YAML on stdout. Data and tokenizer files are not opened."""
     from mesh_megatron.config import TrainingConfig, validate, validate_training
-    from mesh_megatron.parallel.deepspeed_config import load_ds_config, resolve_batch
+    from mesh_megatron.parallel.deepspeed_config import (describe_gradient_precision, finalize_ds_config,
+                                                         gradient_precision_warning, load_ds_config, resolve_batch,
+                                                         zero_stage)
 
     validate(model, parallel, world)
     dp = world // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)
     ds = load_ds_config(args.ds_config)
     micro, global_ = resolve_batch(ds, args.micro_batch_size, args.global_batch_size, dp, args.ds_config)
-    validate_training(TrainingConfig(micro_batch_size=micro, global_batch_size=global_,
-                                     train_iters=args.train_iters), dp)
-    print(to_yaml(resolved(parser, args, model, micro, global_, run_precision(args, ds))), end="")
+    precision = run_precision(args, ds)
+    train = TrainingConfig(micro_batch_size=micro, global_batch_size=global_, train_iters=args.train_iters,
+                           precision=precision)
+    validate_training(train, dp)
+    final = finalize_ds_config(ds, train, dp, args.ds_config, parallel.pipeline_model_parallel_size)
+    print(to_yaml(resolved(parser, args, model, micro, global_, precision)), end="")
+    # A YAML comment: feeding the output back as --config still gives the same run.
+    print(f"# {args.ds_config}: ZeRO stage {zero_stage(final)}, {describe_gradient_precision(final, precision)}")
+    warning = gradient_precision_warning(final, precision, args.ds_config)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

@@ -3,11 +3,16 @@
     PlainStep     per micro-batch: engine(tokens) -> masked mean -> engine.backward -> engine.step
                   (DeepSpeed accumulates and steps at the boundary; ZeRO reduces in its hooks)
     PipelineStep  megatron-core's 1F1B (or interleaved) schedule runs every micro-batch's
-                  forward and backward; DeepSpeed then reduces and steps once
+                  forward and backward; DeepSpeed then reduces and steps once (under bf16
+                  its per-parameter hooks add each micro-batch's gradient into fp32 buffers
+                  as the schedule's backward produces it: bf16.immediate_grad_update)
 
 Everything stays on the engine's device. Losses are summed there; one all-reduce over the
-world per step carries (loss sum, micro-batches, non-finite count) and is the step's only host
-sync. Every rank adds its copy: tensor-parallel ranks hold the same loss and pipeline stages
+world per step carries (loss sum, micro-batches, non-finite count) and is the loop's only host
+sync. Nothing syncs per micro-batch: DeepSpeed's throughput timer, which synchronizes at every
+forward and step, is off (parallel/deepspeed_config.py); inside engine.step() DeepSpeed adds
+its own inf/NaN check of the gradient norm, once the step's backward is queued (counted in
+tests/unit/test_host_syncs.py). Every rank adds its copy: tensor-parallel ranks hold the same loss and pipeline stages
 other than the last add zeros, so sum / count is the data-parallel mean and every rank sees
 the same non-finite count, so all ranks stop (or skip) together.
 
@@ -162,6 +167,10 @@ class PipelineStep(_Step):
             for p in self.engine.module.parameters():
                 if p.grad is not None:
                     p.grad.zero_()
+            # bf16 at ZeRO-1: the gradients already sit in DeepSpeed's fp32 buffers (moved there
+            # by its per-parameter hooks, deepspeed_config._bf16_gradients_in_fp32).
+            for buffer in getattr(self.engine.optimizer, "fp32_groups_gradients_flat", []):
+                buffer.zero_()
             skipped, total, count = len(batches), 0.0, 0.0
         loss_mean, skipped = self._finish(iteration, total, count, nonfinite, skipped)
         # The schedule ran backward itself; hand the gradients to DeepSpeed's reduction and step.

@@ -26,8 +26,10 @@ from mesh_megatron.config import (DataConfig, ExecutionConfig, LoggingConfig, Mo
 from mesh_megatron.data.sampler import collate
 from mesh_megatron.model import MeshGPTModel
 from mesh_megatron.model.accounting import ParameterCounts, training_flops_per_token
-from mesh_megatron.training.metrics import Throughput, peak_memory_gib
-from mesh_megatron.training.schedule import adamw, cosine_with_warmup
+from mesh_megatron.parallel.deepspeed_config import (describe_gradient_precision, gradient_precision_warning,
+                                                     zero_stage)
+from mesh_megatron.training.metrics import StepWindow, Throughput, device_peak, peak_memory_gib
+from mesh_megatron.training.schedule import adamw, cosine_with_warmup, fused_adamw_for, keep_fused_choice
 from mesh_megatron.training.batches import Batch, to_device, train_loader
 from mesh_megatron.training.sinks import LogSinks
 from mesh_megatron.training.steps import NonFiniteLoss, PipelineStep, PlainStep  # noqa: F401 (re-exported)
@@ -135,7 +137,9 @@ class Trainer:
         else:
             model = MeshGPTModel(self.cfg, tf_config, execution=run.execution, init_seed=self.train.seed)
         self.counts = ParameterCounts.of(model)
-        optimizer = adamw(model, self.train)
+        # The engine's device (DeepSpeed's accelerator: CUDA when there is one).
+        self.fused_adamw = fused_adamw_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        optimizer = adamw(model, self.train, fused=self.fused_adamw)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=cosine_with_warmup(optimizer, self.train),
             config=run.ds_config, mpu=MegatronMPU, dist_init_required=False,
@@ -153,6 +157,7 @@ class Trainer:
             self.step = PlainStep(self.engine, self.train.nan_policy, self.sinks.print)
         self._valid_batches = None
         self.iteration = 0
+        self.clock = time.perf_counter  # times the steps for tokens/s and MFU (a test swaps it)
 
     # ---------------------------------------------------------------- batches and steps
     def train_batches(self) -> Iterator[list[Batch]]:
@@ -200,6 +205,7 @@ class Trainer:
         # the optimizer in DeepSpeed's universal format.
         state = (load_universal(self.engine, load_dir, tag) if is_universal(load_dir, tag)
                  else CheckpointManager.load(self.engine, load_dir, tag))
+        keep_fused_choice(self.engine.basic_optimizer, self.fused_adamw)
         if state.get("weights_only"):  # an imported model: new run from its weights
             self.sinks.print(f"initialised weights from {load_dir}/{tag} (weights only: fresh optimizer, "
                              "iteration 0)")
@@ -238,9 +244,19 @@ class Trainer:
         self.sinks.print(
             f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x grad-accum {accum} x "
             f"data-parallel {self.dp_size}; {t.global_batch_size * seq:,} tokens/step; "
-            f"ZeRO stage {self.run.ds_config.get('zero_optimization', {}).get('stage', 0)}; {t.precision}")
+            f"ZeRO stage {zero_stage(self.run.ds_config)}; {t.precision}, "
+            f"{describe_gradient_precision(self.run.ds_config, t.precision)}")
+        warning = gradient_precision_warning(self.run.ds_config, t.precision, self.run.ds_config_path)
+        if warning:
+            self.sinks.print(warning)
+        peak = device_peak(t.precision)
+        if peak is not None:
+            self.sinks.print(peak.describe(torch.cuda.get_device_name()))
+        elif torch.cuda.is_available():
+            self.sinks.print(f"MFU: - (no peak FLOP/s known for {torch.cuda.get_device_name()}: add the card to "
+                             "CARDS in mesh_megatron/training/metrics.py)")
         history: dict[str, float] = {}
-        window_start, window_iters = time.time(), 0
+        window = StepWindow(self.clock)
         from mesh_megatron.model.attention import core_attention_names
 
         ex = self.run.execution
@@ -255,15 +271,15 @@ class Trainer:
             history["valid_loss_start"] = self._log_eval()
         batches = self.train_batches()
         while self.iteration < t.train_iters:
-            loss, skipped = self.train_step(next(batches))
-            window_iters += 1
+            with window.step():  # only steps count towards tokens/s and MFU
+                loss, skipped = self.train_step(next(batches))
             self.sinks.scalars(self.iteration, {"train/step_loss": loss})
             history.setdefault("loss_first", loss)
             history["loss_last"] = loss
             if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
-                elapsed = time.time() - window_start
+                elapsed, window_iters, warmup = window.close()
                 thr = Throughput.measure(window_iters * t.global_batch_size * seq, elapsed,
-                                         self.flops_per_token, dist.get_world_size())
+                                         self.flops_per_token, dist.get_world_size(), peak)
                 lr = self.engine.get_lr()[0]
                 # DeepSpeed reports the norm from its ZeRO/bf16/fp16 optimizers; the plain fp32
                 # optimizer (ZeRO stage 0) clips without keeping it: shown as "-", not logged.
@@ -276,13 +292,13 @@ class Trainer:
                     f"grad-norm {norm} | tokens/s {thr.tokens_per_s:,.0f} | "
                     f"TFLOP/s/dev {thr.tflops_per_device:.4f} | MFU {mfu} | "
                     f"mem {peak_memory_gib():.2f} GiB | {elapsed / window_iters:.3f} s/it"
-                    + (f" | skipped {skipped}" if skipped else ""))
+                    + (f" | skipped {skipped}" if skipped else "")
+                    + (" | warm-up (first window after start)" if warmup else ""))
                 self.sinks.scalars(self.iteration, {"train/loss": loss, "train/lr": lr,
                                                     "train/grad_norm": grad_norm,
                                                     "perf/tokens_per_s": thr.tokens_per_s,
                                                     "perf/tflops_per_device": thr.tflops_per_device,
-                                                    "perf/mfu": thr.mfu})
-                window_start, window_iters = time.time(), 0
+                                                    "perf/mfu": thr.mfu, "perf/warmup": float(warmup)})
             if t.eval_interval and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):
                 history["valid_loss"] = self._log_eval()
             if preemption is not None and self.iteration < t.train_iters \

@@ -48,7 +48,7 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(capsys):
     assert out["training"]["lr"] == 1e-4 and out["model"]["variant"] == "mesh"
     assert out["training"]["global_batch_size"] == 256
     assert out["training"]["min_lr"] == 6e-5  # from the file, not the argparse default 3e-4
-    assert out["parallel"]["ds_config"] == "examples/zero0.json"
+    assert out["parallel"]["ds_config"] == "examples/zero1.json"
 
 
 def test_bare_model_file_and_overrides(tmp_path, capsys):
