@@ -123,7 +123,7 @@ def resolve_batch(ds: dict[str, Any], micro: Optional[int], global_: Optional[in
 
 
 def finalize_ds_config(ds: dict[str, Any], train: TrainingConfig, data_parallel_size: int,
-                       path: str, pipeline_stages: int = 1) -> dict[str, Any]:
+                       path: str, pipeline_stages: int = 1, recomputed_shared_core: bool = False) -> dict[str, Any]:
     """The dict handed to deepspeed.initialize: batch, precision and clipping filled in.
 
     With pipeline parallelism megatron-core's schedule runs all micro-batches of a step
@@ -161,6 +161,12 @@ def finalize_ds_config(ds: dict[str, Any], train: TrainingConfig, data_parallel_
         # The pipeline schedule runs backward outside DeepSpeed, which reduces once afterwards
         # (allreduce_gradients): nothing to overlap with. DeepSpeed's own pipeline engine turns
         # it off too; its hooks would otherwise reduce inside every micro-batch's backward.
+        ds["zero_optimization"]["overlap_comm"] = False
+    if recomputed_shared_core and ds.get("zero_optimization", {}).get("overlap_comm"):
+        # Under --recompute each iteration of a looped core reruns its backward on its own
+        # (megatron's reentrant checkpoint), so a shared weight's gradient is ready K times per
+        # backward; the overlapped reduction hooks reduce it at the first and refuse the rest
+        # ("Gradient computed twice"). Reduce once after backward instead.
         ds["zero_optimization"]["overlap_comm"] = False
     # DeepSpeed's throughput timer (on by default) calls cuda.synchronize() at every forward
     # and every engine.step(): the trainer measures throughput itself, once per log window.

@@ -268,7 +268,8 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
             raise ConfigError(f"interleaved pipelining runs micro-batches in groups of PP="
                               f"{parallel.pipeline_model_parallel_size}, but a step has {accum} micro-batches "
                               "(global / (micro x data-parallel)): make it a multiple of PP")
-    ds = finalize_ds_config(ds, train, dp, args.ds_config, parallel.pipeline_model_parallel_size)
+    ds = finalize_ds_config(ds, train, dp, args.ds_config, parallel.pipeline_model_parallel_size,
+                            recomputed_shared_core=args.recompute != "none" and model.core_shared)
 
     if data.data_path:
         from mesh_megatron.data.datasets import parse_blend

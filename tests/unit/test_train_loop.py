@@ -208,3 +208,21 @@ def test_peak_table_names_the_card(device, card, bf16):
     assert device_peak("fp32", device, allow_tf32=True).kind == "tf32"
     fp32 = device_peak("fp32", device, allow_tf32=False)
     assert fp32.kind == "fp32" and fp32.flops < peak.flops / 4
+
+
+def test_overlapped_reduction_is_off_for_a_recomputed_shared_core(tmp_path):
+    """examples/zero2.json overlaps ZeRO's reduction with backward; under --recompute a looped
+    core's shared weights get their gradient once per recomputed iteration, which DeepSpeed's
+    overlapped hooks refuse ("Gradient computed twice"): the run reduces after backward then.
+    Unshared layers (vanilla) keep the overlap. (The training test that caught it:
+    tests/distributed/test_execution_parallel.py::test_recompute_loop_equals_none_in_training.)"""
+    from mesh_megatron.training import arguments
+
+    def overlap(*flags):
+        run = arguments.parse(["--ds_config", "examples/zero2.json", "--save", str(tmp_path / "s"), *flags],
+                              world_size=1)
+        return run.ds_config["zero_optimization"]["overlap_comm"]
+
+    assert overlap() is True
+    assert overlap("--recompute", "loop") is False and overlap("--recompute", "layer") is False
+    assert overlap("--variant", "vanilla", "--layout", "6", "--recompute", "layer") is True
