@@ -1,4 +1,5 @@
-"""The few CUDA assumptions megatron-core 0.16 makes, patched for CPU-only machines.
+"""The few CUDA assumptions megatron-core 0.16 makes, patched for CPU-only machines, and
+one DeepSpeed start-up cost that only CPU machines pay.
 
 `apply()` is a no-op when a GPU is present. Each patch says why it is needed; nothing else
 in the project patches third-party code.
@@ -106,4 +107,15 @@ def apply() -> None:
     schedules.torch = _TorchWithCpuDefault()
     # Schedules and timers call torch.cuda.synchronize(); there is nothing to wait for on CPU.
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    # DeepSpeed's comm backend, on the CPU accelerator only, probes every op builder (compiler
+    # subprocesses: ~4 s of CPU per process) and then JIT-compiles its shared-memory all-reduce
+    # (deepspeed_shm_comm, a C++ build of a minute or more, again under every new HOME or
+    # TORCH_EXTENSIONS_DIR: each "node" of a rehearsal) at init_distributed. The op serves
+    # only inference_all_reduce (DeepSpeed inference's tensor parallelism), which training
+    # never calls; every collective here goes through torch.distributed. comm/torch.py is the
+    # one reader of the probe's result: answering it makes DeepSpeed skip the op, which it
+    # does by itself wherever the op cannot be built.
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     _APPLIED = True
