@@ -7,6 +7,7 @@ GPT-NeoX export simply ignores), so what is measured is the exported artefact.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Optional, Sequence
@@ -31,6 +32,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def task_manager(include_path: Optional[Sequence[str]] = None):
+    """lm-eval's TaskManager over its own tasks and `include_path`, built once per process and
+    path list: building it indexes every task YAML lm-eval ships (~15 s on a 2-core CPU), and
+    one eval_lm.py run asks for it up to three times (suite check, suite run, --tasks)."""
+    return _task_manager(tuple(include_path or ()))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: tuple[str, ...]):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_path) if include_path else None)
+
+
 def run_lm_eval(model_dir: str, tasks: Sequence[str], *, num_fewshot: Optional[int] = None,
                 batch_size: int | str = 1, limit: Optional[float] = None,
                 include_path: Optional[Sequence[str]] = None, dtype: str = "fp32",
@@ -38,9 +53,8 @@ def run_lm_eval(model_dir: str, tasks: Sequence[str], *, num_fewshot: Optional[i
     """lm_eval.simple_evaluate with the `hf` model on `model_dir`; its result dict."""
     check_model_dir(model_dir)
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=list(include_path) if include_path else None)
+    manager = task_manager(include_path)
     unknown = [t for t in tasks if not manager.match_tasks([t])]  # names or glob patterns
     if unknown:
         raise ConfigError(f"--tasks {', '.join(unknown)}: unknown to lm-eval"
@@ -146,9 +160,9 @@ PILE_SPLIT = "1,0,0"  # --pile-data holds the Pile *validation* documents only: 
 def unavailable_tasks(tasks: Sequence[str], include_path: Optional[Sequence[str]] = None) -> dict[str, str]:
     """{task: why} for the tasks whose data cannot be loaded here (offline: not in the Hugging
     Face cache and no local task YAML). Loading is lm-eval's own, so what passes here runs."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
-    manager = TaskManager(include_path=list(include_path) if include_path else None)
+    manager = task_manager(include_path)
     missing = {}
     for task in tasks:
         if not manager.match_tasks([task]):
