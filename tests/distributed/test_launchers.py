@@ -104,8 +104,6 @@ def test_two_node_rehearsal_on_one_machine(reference, tmp_path):
     """Two torchrun agents, one process each, as two nodes would start them: each "node" with
     its own HOME (its own ~/.cache, where it builds its own dataset caches) and working
     directory; --save on the shared tmp_path."""
-    from torch.utils.cpp_extension import get_default_build_root
-
     args = [os.path.join(ROOT, a) if a.startswith("examples/") else a for a in run_args(tmp_path, "two_nodes")]
 
     def agents(port):
@@ -116,9 +114,7 @@ def test_two_node_rehearsal_on_one_machine(reference, tmp_path):
     nodes = [tmp_path / f"node{n}" for n in (0, 1)]
     for d in nodes:
         (d / "home").mkdir(parents=True)
-    # DeepSpeed's JIT-built comm op stays where the suite built it, not rebuilt under each HOME.
-    envs = [{"HOME": str(d / "home"), "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
-             or get_default_build_root()} for d in nodes]
+    envs = [{"HOME": str(d / "home")} for d in nodes]  # nothing is JIT-built under it (cpu_shims)
     for name in ("MESH_MEGATRON_CACHE", "XDG_CACHE_HOME"):
         for e in envs:
             e[name] = ""

@@ -33,11 +33,7 @@ LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RAN
 
 def base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("SLURM_")}
-    # DeepSpeed's JIT-built CPU comm op stays where the suite's other runs find it (under the
-    # real ~/.cache), not rebuilt (~50 s) under each node's HOME.
-    from torch.utils.cpp_extension import get_default_build_root
-
-    return dict(env, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return dict(env, OMP_NUM_THREADS="1")
 
 
 def run_nodes(envs: list[dict], cwds: list[str], args: list[str], timeout: float = 300, name: str = "run"):
