@@ -609,3 +609,45 @@ def test_relaxed_export_parity_tp2_merge_and_round_trip(megatron_single, tmp_pat
     again = load_file(str(tmp_path / "hf2" / "model.safetensors"))
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
     assert config == json.loads((tmp_path / "hf2" / "config.json").read_text())
+
+
+def test_svd_import_full_rank_reproduces_pythia_and_kept_fraction_matches(megatron_single, tmp_path):
+    """6-layer random GPTNeoXForCausalLM as base 1+2R2+1: at full rank (biases and norms relaxed)
+    the relaxed recursion is the source model; at rank 2 the reported kept fraction is a direct
+    SVD's and the adapters are its truncation (scaled by 1 / (alpha / r))."""
+    pythia = random_pythia(tmp_path / "pythia")
+    source = load_file(str(tmp_path / "pythia" / "model.safetensors"))
+    ids = token_ids(vocab=512)
+    with torch.no_grad():
+        want = pythia(ids).logits
+    for init in ("stepwise", "average"):
+        ckpt = tmp_path / f"full_{init}"
+        report = import_from_hf(str(tmp_path / "pythia"), str(ckpt), layout="1+2R2+1", variant="base",
+                                init=init, lora_rank="full")
+        assert (report.model.lora_rank, report.model.relax_biases, report.model.relax_norms) == (64, True, True)
+        model = build_model(report.model, read_model_state(open_checkpoint(str(ckpt))))
+        with torch.no_grad():
+            assert (model(ids) - want).abs().max() <= 1e-4, init
+        assert all(abs(f - 1.0) <= 1e-6 for f in report.kept_fraction.values())
+    # without the adapters the tied model is far from the source: the test can fail
+    tied = import_from_hf(str(tmp_path / "pythia"), str(tmp_path / "tied"), layout="1+2R2+1", variant="base")
+    with torch.no_grad():
+        plain = build_model(tied.model, read_model_state(open_checkpoint(str(tmp_path / "tied"))))(ids)
+    assert (plain - want).abs().max() > 1e-2
+
+    report = import_from_hf(str(tmp_path / "pythia"), str(tmp_path / "r2"), layout="1+2R2+1", variant="base",
+                            init="stepwise", lora_rank=2, lora_alpha=4.0, lora_targets="dense_h_to_4h")
+    # stepwise: core 1 <- layer 3; iteration 1 of core 1 is layer 4 (P + t*C + j = 1 + 2 + 1)
+    name = "mlp.dense_h_to_4h.weight"
+    residual = source[f"gpt_neox.layers.4.{name}"].double() - source[f"gpt_neox.layers.3.{name}"].double()
+    sv = torch.linalg.svdvals(residual)
+    assert report.kept_fraction[f"gpt_neox.layers.4.{name}"] == pytest.approx(
+        (sv[:2].square().sum() / sv.square().sum()).sqrt().item(), rel=1e-9)
+    # stepwise's picks are not positions of their own core under the loop (core 1 <- layer 3 runs at
+    # layers 2 and 4), so no residual is zero
+    assert 0 < report.kept_fraction["gpt_neox.layers.2.mlp.dense_h_to_4h.weight"] < 1
+    assert len(report.kept_fraction) == 4  # one target x 2 core layers x 2 iterations
+    state = read_model_state(open_checkpoint(str(tmp_path / "r2")))
+    A, B = (state[f"block.core.1.mlp.linear_fc1.lora_{x}"][1].double() for x in "AB")
+    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    torch.testing.assert_close(2.0 * B @ A, (u[:, :2] * s[:2]) @ vh[:2], rtol=0, atol=1e-5)
