@@ -148,7 +148,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     # Initial (a1, a2, a3) of the `learned` variant; (1, 1, 0) starts it as `anchor`.
     learned_scalar_init: tuple[float, float, float] = (1.0, 1.0, 0.0)
-    # Relaxed sharing (docs/MESH_METHOD.md section 6): a rank-r LoRA per loop iteration on the
+    # Relaxed sharing (docs/MESH_METHOD.md section 7): a rank-r LoRA per loop iteration on the
     # core's `lora_targets`, scaled by lora_alpha / r (None -> alpha = r, scale 1); per-iteration
     # biases / LayerNorm affines. lora_rank "full" = min(hidden, ffn) with both relaxed.
     lora_rank: int = 0

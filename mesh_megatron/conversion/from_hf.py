@@ -32,7 +32,7 @@ stepwise's position that is its own source).
 Our `stepwise` takes every K-th middle layer from the first (M[j*K]); the Mixture-of-Recursions
 reference (model/sharing_strategy.py, "cycle") takes round(linspace(0, N-1, C)) over all N
 layers, so its picks span the whole stack including the last layer and ignore prelude/coda;
-ours stays inside the middle block the core replaces (docs/MESH_METHOD.md section 6).
+ours stays inside the middle block the core replaces (docs/MESH_METHOD.md section 7).
 
 The vocabulary keeps the source's row count: ModelConfig.vocab_size = rows, with
 make_vocab_size_divisible_by chosen so no padding is added at the requested TP size.

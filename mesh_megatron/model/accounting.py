@@ -8,7 +8,7 @@ with the one convention used everywhere (summary, training log, benchmarks):
                   + K * C * r * sum over LoRA targets of (in + out)          (relaxed sharing)
 
 Every loop iteration is counted: a core of C layers run K times costs C*K layers. Relaxed
-sharing (model/relaxation.py, docs/MESH_METHOD.md section 6) holds one adapter per loop
+sharing (model/relaxation.py, docs/MESH_METHOD.md section 7) holds one adapter per loop
 position, each applied once per token, so its parameters and its N_applied term are equal:
 
     adapter params = K * C * r * sum_targets (in + out)        qkv 4h, dense 2h, fc1 and fc2 h + ffn

@@ -21,6 +21,9 @@ so dropout draws the same numbers when the forward reruns in backward):
             has no loop and recomputes per layer.
     layer   each layer is recomputed on its own (only layer inputs stay live)
 
+Relaxed sharing (model/relaxation.py): the core's layers may add iteration t's own adapters;
+they read t from `self.loop`, set in `_layers`, i.e. inside what a recompute reruns.
+
 Under pipeline parallelism a block holds only its stage's pieces (parallel/pipeline_layout).
 Prelude and coda layers are keyed by their global index (`prelude.5` is prelude layer 5 on
 whichever stage owns it), so every stage's parameter names are the full model's names.
