@@ -47,6 +47,24 @@ MESH_ROUTER_MARGIN = 4.0  # "base" init: target slot weight e^4 / (e^4 + B - 1),
 # `learned`: h_{t+1} = a1 * core(h_t) + a2 * h0 + a3 * h_emb, (a1, a2, a3) learned per loop step.
 VARIANTS = ("vanilla", *ADDITIVE_SUPPLEMENTS, "learned", *MESH_VARIANTS)
 
+# Relaxed sharing (model/relaxation.py): the core's linears that get a LoRA per loop iteration,
+# by their Pythia (HF) names, with our training names as aliases.
+LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+LORA_TARGET_ALIASES = {"linear_qkv": "query_key_value", "linear_proj": "dense", "linear_fc1": "dense_h_to_4h",
+                       "linear_fc2": "dense_4h_to_h"}
+LORA_FULL = "full"
+
+
+def parse_lora_targets(text: str) -> tuple[str, ...]:
+    """`dense,query_key_value` (Pythia or training names) -> Pythia names in layer order."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    for item in items:
+        if LORA_TARGET_ALIASES.get(item, item) not in LORA_TARGETS:
+            raise ConfigError(f"lora target {item!r} is unknown: --lora-targets takes a comma list of "
+                              f"{', '.join(LORA_TARGETS)} (or {', '.join(LORA_TARGET_ALIASES)})")
+    chosen = {LORA_TARGET_ALIASES.get(i, i) for i in items}
+    return tuple(t for t in LORA_TARGETS if t in chosen)
+
 
 # --------------------------------------------------------------------------------------
 # Layout: P+CrK+Q
@@ -130,6 +148,20 @@ class ModelConfig:
     attention_dropout: float = 0.0
     # Initial (a1, a2, a3) of the `learned` variant; (1, 1, 0) starts it as `anchor`.
     learned_scalar_init: tuple[float, float, float] = (1.0, 1.0, 0.0)
+    # Relaxed sharing (docs/MESH_METHOD.md section 7): a rank-r LoRA per loop iteration on the
+    # core's `lora_targets`, scaled by lora_alpha / r (None -> alpha = r, scale 1); per-iteration
+    # biases / LayerNorm affines. lora_rank "full" = min(hidden, ffn) with both relaxed.
+    lora_rank: int = 0
+    lora_alpha: Optional[float] = None
+    lora_targets: str = ",".join(LORA_TARGETS)
+    relax_biases: bool = False
+    relax_norms: bool = False
+
+    def __post_init__(self):
+        if self.lora_rank == LORA_FULL:
+            self.lora_rank = min(self.hidden_size, self.ffn_size)
+            self.relax_biases = self.relax_norms = True
+        self.lora_targets = ",".join(parse_lora_targets(self.lora_targets))
 
     # ---- derived views (never stored twice) ----
     @property
@@ -158,6 +190,21 @@ class ModelConfig:
         if self.mesh_router_init != "base":
             return 0.0
         return self.mesh_router_margin if self.mesh_router_margin is not None else MESH_ROUTER_MARGIN
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        return tuple(self.lora_targets.split(",")) if self.lora_targets else ()
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / r, LoRA's scaling of B A (1 when lora_alpha is None)."""
+        if not self.lora_rank:
+            return 0.0
+        return (self.lora_alpha if self.lora_alpha is not None else self.lora_rank) / self.lora_rank
+
+    @property
+    def is_relaxed(self) -> bool:
+        return bool(self.lora_rank or self.relax_biases or self.relax_norms)
 
     @property
     def ffn_size(self) -> int:
@@ -268,6 +315,28 @@ def _validate_router_init(model: ModelConfig, layout: Layout) -> None:
                 "raise mesh_slots or use mesh_router_init 'paper'")
 
 
+def _validate_relaxation(model: ModelConfig) -> None:
+    if not isinstance(model.lora_rank, int) or isinstance(model.lora_rank, bool) or model.lora_rank < 0:
+        raise ConfigError(f"lora_rank={model.lora_rank!r} must be an integer >= 0 (0 = no adapters) or "
+                          f"'{LORA_FULL}'")
+    if model.lora_alpha is not None and (not model.lora_rank or not model.lora_alpha > 0):
+        raise ConfigError(f"lora_alpha={model.lora_alpha} needs --lora-rank > 0 and must be positive "
+                          "(the adapters are scaled by alpha / rank)")
+    if not model.is_relaxed:
+        return
+    if not model.core_shared or not model.parsed_layout.is_looped:
+        raise ConfigError(f"--lora-rank/--relax-biases/--relax-norms relax a shared looped core, but variant "
+                          f"{model.variant!r} has none (its layers are already distinct): use a looped "
+                          "variant (base, mesh, ...) or drop them")
+    limit = min(model.hidden_size, model.ffn_size)
+    if model.lora_rank > limit:
+        raise ConfigError(f"lora_rank={model.lora_rank} is above full rank {limit} (min of hidden and ffn "
+                          f"sizes): use at most {limit}, or '{LORA_FULL}'")
+    if model.lora_rank and not model.lora_target_names:
+        raise ConfigError(f"lora_rank={model.lora_rank} but lora_targets is empty: name at least one of "
+                          f"{', '.join(LORA_TARGETS)}")
+
+
 def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
              world_size: Optional[int] = None) -> None:
     """Raise ConfigError naming the first bad field and how to fix it."""
@@ -313,6 +382,7 @@ def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
                 "(slot 0 holds the embeddings); the paper's default is K + 3"
             )
     _validate_router_init(model, layout)
+    _validate_relaxation(model)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(model, name) < 1.0:
             raise ConfigError(f"{name}={getattr(model, name)} must be in [0, 1) (--{name.replace('_', '-')}: "

@@ -27,6 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=None,
                    help="YAML recipe or model config (as pretrain_mesh.py --config: read and validated the "
                         "same way); --preset/--variant/--layout given here override it")
+    p.add_argument("--lora-rank", default=None,
+                   help="relaxed sharing: LoRA rank per loop iteration (an integer or 'full'; default 0)")
+    p.add_argument("--lora-targets", default=None, help="comma list of core linears with adapters (default all)")
+    p.add_argument("--relax-biases", action="store_true", help="per-iteration bias deltas")
+    p.add_argument("--relax-norms", action="store_true", help="per-iteration LayerNorm deltas")
     p.add_argument("--seq-length", type=int, default=None,
                    help="sequence length for the attention FLOPs term (default: the preset's)")
     p.add_argument("--pipeline", type=int, default=None,
@@ -50,17 +55,30 @@ def recipe_model(args: argparse.Namespace):
 
 
 def summarize(args: argparse.Namespace) -> dict:
-    from mesh_megatron.config import preset, to_transformer_config, validate
+    from mesh_megatron.config import ConfigError, preset, to_transformer_config, validate
     from mesh_megatron.model import MeshGPTModel
     from mesh_megatron.model.accounting import ParameterCounts, training_flops_per_token
     from mesh_megatron.parallel.initialize import initialize_distributed
     from mesh_megatron.config import ParallelConfig
     from mesh_megatron.parallel.pipeline_layout import build_layout
 
+    import dataclasses
+
+    from mesh_megatron.model.accounting import adapter_params, adapter_params_per_position
+
     if args.config:
         cfg = recipe_model(args)
     else:
         cfg = preset(args.preset or "tiny", args.variant or "mesh", args.layout)
+    relax = {k: v for k, v in (("lora_rank", args.lora_rank), ("lora_targets", args.lora_targets),
+                               ("relax_biases", args.relax_biases or None),
+                               ("relax_norms", args.relax_norms or None)) if v is not None}
+    if "lora_rank" in relax and relax["lora_rank"] != "full":
+        try:
+            relax["lora_rank"] = int(relax["lora_rank"])
+        except ValueError:
+            raise ConfigError(f"--lora-rank {relax['lora_rank']!r} is not an integer or 'full'") from None
+    cfg = dataclasses.replace(cfg, **relax) if relax else cfg
     validate(cfg)
     initialize_distributed(ParallelConfig())
     with torch.device("meta"):
@@ -71,6 +89,10 @@ def summarize(args: argparse.Namespace) -> dict:
         "compute_depth": cfg.compute_depth,
         "unique_depth": cfg.unique_depth,
         "flops_per_token": training_flops_per_token(cfg, args.seq_length),
+        "lora_rank": cfg.lora_rank,
+        "adapter_per_position": adapter_params_per_position(cfg),
+        # 6 FLOPs per applied adapter parameter (forward + backward), in flops_per_token
+        "adapter_flops_per_token": 6 * adapter_params(cfg),
         # Context for the table (not part of the fixed JSON keys' meaning).
         "layout": str(cfg.parsed_layout),
         "variant": cfg.variant,
@@ -103,6 +125,10 @@ def main(argv=None) -> int:
         ("total params", f"{summary['total']:,}"), ("embedding params", f"{summary['embedding']:,}"),
         ("non-embedding params", f"{summary['non_embedding']:,}"),
         ("router params", f"{summary['router']:,}"),
+        ("LoRA rank", summary["lora_rank"]),
+        ("adapter params (per loop / total)", f"{summary['adapter_per_position']:,} / {summary['adapter']:,}"),
+        ("bias/norm delta params", f"{summary['delta']:,}"),
+        ("adapter train FLOPs/token", f"{summary['adapter_flops_per_token']:,}"),
         ("compute depth", summary["compute_depth"]), ("unique depth", summary["unique_depth"]),
         (f"train FLOPs/token (seq {summary['seq_length']})", f"{summary['flops_per_token']:,}"),
     ]

@@ -20,6 +20,20 @@ Two sources are accepted:
 * `mesh_gpt_neox` (this project's export): read back as is; an embedding_multiplier of 1 or
   sqrt(hidden) becomes scale_embeddings, any other value is folded into the embedding.
 
+Relaxed sharing (`lora_rank`, arXiv 2410.20672): on top of the tied core, each loop position
+(iteration t, core layer j, whose source is vanilla layer P + t*C + j) gets the rank-r truncated
+SVD of its residual R = W_source - W_tied for every LoRA target: B = U_r S_r / s, A = V_r^T
+(s = alpha / r, so s B A = U_r S_r V_r^T). `relax_biases` / `relax_norms` store the exact bias
+and LayerNorm residuals as the per-position deltas. `lora_rank="full"` (r = hidden, both
+relaxed) reproduces the source model up to fp32 rounding. The report gives, per residual, the
+fraction of its Frobenius norm the rank keeps, ||S_r|| / ||S|| (1 for a zero residual, e.g.
+stepwise's position that is its own source).
+
+Our `stepwise` takes every K-th middle layer from the first (M[j*K]); the Mixture-of-Recursions
+reference (model/sharing_strategy.py, "cycle") takes round(linspace(0, N-1, C)) over all N
+layers, so its picks span the whole stack including the last layer and ignore prelude/coda;
+ours stays inside the middle block the core replaces (docs/MESH_METHOD.md section 7).
+
 The vocabulary keeps the source's row count: ModelConfig.vocab_size = rows, with
 make_vocab_size_divisible_by chosen so no padding is added at the requested TP size.
 """
@@ -51,6 +65,8 @@ class ImportReport:
     model: ModelConfig
     source_type: str
     layer_sources: list[list[int]] = field(default_factory=list)  # per unique layer: source layers
+    # relaxed import: HF name of each adapter's residual at iteration t -> kept Frobenius fraction
+    kept_fraction: dict[str, float] = field(default_factory=dict)
     tokenizer: Optional[tuple[str, str]] = None
 
     def resume_command(self) -> str:
@@ -194,7 +210,8 @@ def select_layers(state: dict[str, Tensor], sources: list[list[int]]) -> dict[st
 # --------------------------------------------------------------------------------------
 
 def _gpt_neox_model_config(hf_dir: str, rows: int, layout: Optional[str], variant: Optional[str],
-                           mesh_slots: Optional[int], seq_length: Optional[int], tp: int) -> ModelConfig:
+                           mesh_slots: Optional[int], seq_length: Optional[int], tp: int,
+                           relax: Optional[dict] = None) -> ModelConfig:
     from transformers import GPTNeoXConfig
 
     hf = GPTNeoXConfig.from_pretrained(hf_dir)
@@ -231,9 +248,43 @@ def _gpt_neox_model_config(hf_dir: str, rows: int, layout: Optional[str], varian
         rotary_percent=float(rope.get("partial_rotary_factor", 1.0)),
         rotary_base=int(theta) if theta.is_integer() else theta,
         hidden_dropout=float(hf.hidden_dropout), attention_dropout=float(hf.attention_dropout),
+        **(relax or {}),
     )
     validate(config, ParallelConfig(tensor_model_parallel_size=tp))
     return config
+
+
+_LINEARS = {"query_key_value": "attention", "dense": "attention", "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def svd_adapters(source: dict[str, Tensor], tied: dict[str, Tensor],
+                 config: ModelConfig) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Per-position adapters (HF names, stacked over the K iterations) from the residuals of the
+    source layers against the tied core (module docstring), and the kept fraction of each."""
+    layout = config.parsed_layout
+    P, C, K, r = layout.prelude, layout.core, layout.loops, config.lora_rank
+    layer = "gpt_neox.layers.{}."
+    out: dict[str, list[Tensor]] = {}
+    kept: dict[str, float] = {}
+    for j in range(C):
+        core = layer.format(P + j)
+        for t in range(K):
+            src = layer.format(P + t * C + j)
+            for name in config.lora_target_names if r else ():
+                part = f"{_LINEARS[name]}.{name}."
+                residual = source[src + part + "weight"].double() - tied[core + part + "weight"].double()
+                u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
+                total = sv.square().sum().sqrt().item()
+                kept[f"{src}{part}weight"] = sv[:r].square().sum().sqrt().item() / total if total else 1.0
+                out.setdefault(core + part + "lora_B", []).append(u[:, :r] * sv[:r] / config.lora_scale)
+                out.setdefault(core + part + "lora_A", []).append(vh[:r])
+            deltas = [f"{_LINEARS[n]}.{n}.bias" for n in _LINEARS] if config.relax_biases else []
+            if config.relax_norms:
+                deltas += [f"{n}.{leaf}" for n in _NORMS for leaf in ("weight", "bias")]
+            for name in deltas:
+                out.setdefault(f"{core}{name}_delta", []).append(source[src + name].double() - tied[core + name].double())
+    return {k: torch.stack(v).float() for k, v in out.items()}, kept
 
 
 def _mesh_model_config(hf_dir: str, rows: int, seq_length: Optional[int], tp: int) -> tuple[ModelConfig, float]:
@@ -250,6 +301,9 @@ def _mesh_model_config(hf_dir: str, rows: int, seq_length: Optional[int], tp: in
         mesh_slots=hf.mesh_slots if hf.state_passing in ("mesh", "vanilla+mesh") else None,
         mesh_router_init=getattr(hf, "mesh_router_init", "paper"),
         mesh_router_margin=getattr(hf, "mesh_router_margin", None),
+        lora_rank=getattr(hf, "lora_rank", 0), lora_alpha=getattr(hf, "lora_alpha", None),
+        lora_targets=getattr(hf, "lora_targets", ModelConfig.lora_targets),
+        relax_biases=getattr(hf, "relax_biases", False), relax_norms=getattr(hf, "relax_norms", False),
         vocab_size=rows, make_vocab_size_divisible_by=vocab_divisor(rows, tp),
         seq_length=seq_length or hf.max_position_embeddings,
         scale_embeddings=bool(scale), layernorm_epsilon=hf.layer_norm_eps,
@@ -279,11 +333,14 @@ def _fresh_state_passing(config: ModelConfig, seed: int) -> dict[str, Tensor]:
 
 def import_from_hf(hf_dir: str, save_dir: str, *, layout: Optional[str] = None, variant: Optional[str] = None,
                    init: str = "stepwise", mesh_slots: Optional[int] = None, seq_length: Optional[int] = None,
-                   tensor_parallel_size: int = 1, seed: int = 1234, force: bool = False) -> ImportReport:
+                   tensor_parallel_size: int = 1, seed: int = 1234, force: bool = False,
+                   lora_rank=0, lora_alpha: Optional[float] = None, lora_targets: Optional[str] = None,
+                   relax_biases: bool = False, relax_norms: bool = False) -> ImportReport:
     """Write `hf_dir` as iteration 0 (weights only) of a training checkpoint in `save_dir`.
 
     Every check runs before anything is written; a non-empty `save_dir` is refused unless
-    `force`. Weights are stored in fp32 (the training master dtype).
+    `force`. Weights are stored in fp32 (the training master dtype). `lora_rank` (an int or
+    "full") and the other relaxation options build SVD-initialised adapters (module docstring).
     """
     data = read_hf_config(hf_dir)
     if init not in INIT_METHODS:
@@ -300,7 +357,13 @@ def import_from_hf(hf_dir: str, save_dir: str, *, layout: Optional[str] = None, 
     rows = hf_state["gpt_neox.embed_in.weight"].shape[0]
 
     sources: list[list[int]] = []
+    kept: dict[str, float] = {}
+    relax = {k: v for k, v in dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                                   relax_biases=relax_biases, relax_norms=relax_norms).items() if v}
     if data["model_type"] == "mesh_gpt_neox":
+        if relax:
+            raise ConfigError(f"--hf {hf_dir} is a MeSH export: its adapters (if any) come with it; drop "
+                              "--lora-rank/--lora-alpha/--lora-targets/--relax-biases/--relax-norms")
         if layout or variant or mesh_slots is not None:
             raise ConfigError(f"--hf {hf_dir} is already a recursive MeSH export ({data.get('state_passing')}, "
                               "layout from its config): drop --layout/--variant/--mesh-slots; re-laying out a "
@@ -309,10 +372,14 @@ def import_from_hf(hf_dir: str, save_dir: str, *, layout: Optional[str] = None, 
         hf_state = fold_embedding_multiplier(hf_state, fold)
     else:
         config = _gpt_neox_model_config(hf_dir, rows, layout, variant, mesh_slots, seq_length,
-                                        tensor_parallel_size)
+                                        tensor_parallel_size, relax)
         n = sum(1 for k in hf_state if k.startswith("gpt_neox.layers.") and k.endswith(".input_layernorm.weight"))
         sources = layer_sources(n, config, init)
-        hf_state = select_layers(hf_state, sources)
+        tied = select_layers(hf_state, sources)
+        if config.is_relaxed:
+            adapters, kept = svd_adapters(hf_state, tied, config)
+            tied.update(adapters)
+        hf_state = tied
     state = hf_to_training(hf_state, config)
     fresh = {k: v for k, v in _fresh_state_passing(config, seed).items() if k not in state}  # routers, scalars
     state.update(fresh)
@@ -323,6 +390,7 @@ def import_from_hf(hf_dir: str, save_dir: str, *, layout: Optional[str] = None, 
             tmp, config, state, tensor_parallel_size=tensor_parallel_size, tokenizer=tokenizer,
             source={"hf_dir": os.path.abspath(hf_dir), "model_type": data["model_type"],
                     "init": init if sources and config.core_shared and config.parsed_layout.is_looped else None,
-                    "layer_sources": sources, "seed": seed})
+                    "layer_sources": sources, "seed": seed,
+                    **({"kept_fraction": kept} if kept else {})})
     return ImportReport(save_dir=save_dir, model=config, source_type=data["model_type"], layer_sources=sources,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, kept_fraction=kept)

@@ -11,6 +11,10 @@
     final_layernorm.*                                gpt_neox.final_layer_norm.*
     output_layer.weight                              embed_out.weight
 
+Relaxed sharing adds, on core layers only, tensors stacked over the K loop iterations under
+the same names on both sides (`...linear_qkv.lora_A` <-> `...attention.query_key_value.lora_A`;
+lora_A, lora_B, bias_delta of a linear; weight_delta, bias_delta of a LayerNorm).
+
 C' is the number of core layers held: C when the core is shared, C*K for `vanilla+mesh`
 (K distinct blocks). `vanilla` keeps its whole stack in `block.prelude`. Inside a layer:
 
@@ -221,6 +225,11 @@ def hf_config(config: ModelConfig, vocab_rows: int, *, bos_token_id: Optional[in
         mesh_router_init=config.mesh_router_init,
         mesh_router_margin=config.mesh_router_margin,
         embedding_multiplier=config.embedding_multiplier,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_targets=config.lora_targets,
+        relax_biases=config.relax_biases,
+        relax_norms=config.relax_norms,
     )
 
 

@@ -53,6 +53,10 @@ class MeshGPTNeoXConfig(PretrainedConfig):
             loaded, and this model's own forward does not read them.
         embedding_multiplier: the input embeddings are multiplied by it, sqrt(hidden_size) when the paper's
             embedding scaling is on, 1.0 when off.
+        lora_rank, lora_alpha, lora_targets, relax_biases, relax_norms: relaxed sharing (arXiv 2410.20672), core
+            layers only: a rank-lora_rank adapter per loop step on each of lora_targets (comma list of
+            query_key_value, dense, dense_h_to_4h, dense_4h_to_h), scaled by lora_alpha / lora_rank (None: 1),
+            and per-step bias / LayerNorm deltas. 0 / False: the plain recursion.
         num_hidden_layers: number of UNIQUE layers (weights under gpt_neox.layers.*): P + C + Q if core_shared
             else P + C*K + Q. Derived when None; checked when given. The forward pass executes
             P + C*K + Q layer applications in both cases (`num_layer_applications`).
@@ -90,6 +94,11 @@ class MeshGPTNeoXConfig(PretrainedConfig):
     mesh_router_init: str = "paper"
     mesh_router_margin: float | None = None
     embedding_multiplier: float | int = 1.0
+    lora_rank: int = 0
+    lora_alpha: float | int | None = None
+    lora_targets: str = "query_key_value,dense,dense_h_to_4h,dense_4h_to_h"
+    relax_biases: bool = False
+    relax_norms: bool = False
     num_hidden_layers: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -124,6 +133,8 @@ class MeshGPTNeoXConfig(PretrainedConfig):
             raise ValueError("need num_prelude_layers, num_coda_layers >= 0 and num_core_layers, num_loops >= 1")
         if self.state_passing in MESH_VARIANTS and self.mesh_slots < 2:
             raise ValueError(f"mesh_slots must be >= 2 (slot 0 holds h_emb), got {self.mesh_slots}")
+        if (self.lora_rank or self.relax_biases or self.relax_norms) and not self.core_shared:
+            raise ValueError("lora_rank / relax_biases / relax_norms relax a shared core: core_shared must be True")
         if self.num_hidden_layers != self.num_unique_layers:
             raise ValueError(
                 f"num_hidden_layers {self.num_hidden_layers} != unique layers {self.num_unique_layers} "

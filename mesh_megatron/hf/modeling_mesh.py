@@ -74,16 +74,21 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
+def plain_linear(name, in_features, out_features, bias=True):
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
 class MeshGPTNeoXAttention(nn.Module):
     is_causal = True
 
-    def __init__(self, config):
+    def __init__(self, config, linear=plain_linear):
         super().__init__()
         self.config = config  # the attention interfaces read config._attn_implementation from the module
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        h = config.hidden_size
+        self.query_key_value = linear("query_key_value", h, 3 * h, bias=config.attention_bias)
+        self.dense = linear("dense", h, h, bias=config.attention_bias)
 
     def forward(self, x, attention_mask, position_embeddings, cache=None, cache_idx=None, **kwargs):
         batch, seq, _ = x.shape
@@ -102,32 +107,98 @@ class MeshGPTNeoXAttention(nn.Module):
 
 
 class MeshGPTNeoXMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, linear=plain_linear):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_h_to_4h = linear("dense_h_to_4h", config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense_4h_to_h = linear("dense_4h_to_h", config.intermediate_size, config.hidden_size)
 
     def forward(self, x):
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
 
 class MeshGPTNeoXLayer(GradientCheckpointingLayer):
-    def __init__(self, config):
+    def __init__(self, config, relaxed=False):
         super().__init__()
         self.use_parallel_residual = config.use_parallel_residual
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = MeshGPTNeoXAttention(config)
-        self.mlp = MeshGPTNeoXMLP(config)
+        # a relaxed core layer (section below): its linears / norms add loop step t's own tensors
+        self.step = LoopStep() if relaxed else None
+        linear = RelaxedLinear.factory(config, self.step) if relaxed else plain_linear
+        norm = RelaxedLayerNorm if relaxed and config.relax_norms else nn.LayerNorm
+        norm_args = dict(loops=config.num_loops, step=self.step) if norm is RelaxedLayerNorm else {}
+        self.input_layernorm = norm(config.hidden_size, eps=config.layer_norm_eps, **norm_args)
+        self.post_attention_layernorm = norm(config.hidden_size, eps=config.layer_norm_eps, **norm_args)
+        self.attention = MeshGPTNeoXAttention(config, linear)
+        self.mlp = MeshGPTNeoXMLP(config, linear)
 
-    def forward(self, x, attention_mask=None, position_embeddings=None, cache=None, cache_idx=None, **kwargs):
-        # x: [batch, seq, hidden]; passed positionally so gradient checkpointing sees it as an input
+    def forward(self, x, attention_mask=None, position_embeddings=None, cache=None, cache_idx=None, loop=None,
+                **kwargs):
+        # x: [batch, seq, hidden]; passed positionally so gradient checkpointing sees it as an input.
+        # loop: the loop step of a core layer; set here, inside what gradient checkpointing reruns
+        if self.step is not None:
+            self.step.t = loop
         attn = self.attention(self.input_layernorm(x), attention_mask, position_embeddings, cache, cache_idx, **kwargs)
         if self.use_parallel_residual:  # Pythia: x + attn(ln1(x)) + mlp(ln2(x))
             return x + attn + self.mlp(self.post_attention_layernorm(x))
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# Relaxed sharing (arXiv 2410.20672): at loop step t a core linear computes W x + b + db_t + s * B_t A_t x and a
+# core LayerNorm LN(x) + norm(x) * dw_t + db_t. The per-step tensors are stacked over the K steps under the
+# training names (lora_A [K, r, in], lora_B [K, out, r], bias_delta [K, out], weight_delta [K, hidden]); s is
+# lora_alpha / lora_rank. A looped model cannot merge them into one weight per layer, so they stay explicit.
+
+
+class LoopStep:
+    """The loop step a relaxed core layer is computing, set by the layer's forward."""
+
+    t = None
+
+
+class RelaxedLinear(nn.Linear):
+    def __init__(self, in_features, out_features, bias, loops, rank, scale, relax_bias, step):
+        super().__init__(in_features, out_features, bias=bias)
+        self.step, self.scale = step, scale
+        self.lora_A = nn.Parameter(torch.empty(loops, rank, in_features)) if rank else None
+        self.lora_B = nn.Parameter(torch.empty(loops, out_features, rank)) if rank else None
+        self.bias_delta = nn.Parameter(torch.empty(loops, out_features)) if relax_bias else None
+
+    @staticmethod
+    def factory(config, step):
+        targets = set(config.lora_targets.split(",")) if config.lora_rank else set()
+        scale = (config.lora_alpha or config.lora_rank) / config.lora_rank if config.lora_rank else 0.0
+
+        def linear(name, in_features, out_features, bias=True):
+            rank = config.lora_rank if name in targets else 0
+            if not rank and not config.relax_biases:
+                return nn.Linear(in_features, out_features, bias=bias)
+            return RelaxedLinear(in_features, out_features, bias, config.num_loops, rank, scale,
+                                 config.relax_biases, step)
+
+        return linear
+
+    def forward(self, x):
+        y, t = super().forward(x), self.step.t
+        if self.lora_A is not None:
+            y = y + F.linear(F.linear(x, self.lora_A[t]), self.lora_B[t]) * self.scale
+        if self.bias_delta is not None:
+            y = y + self.bias_delta[t]
+        return y
+
+
+class RelaxedLayerNorm(nn.LayerNorm):
+    def __init__(self, hidden_size, eps, loops, step):
+        super().__init__(hidden_size, eps=eps)
+        self.step = step
+        self.weight_delta = nn.Parameter(torch.empty(loops, hidden_size))
+        self.bias_delta = nn.Parameter(torch.empty(loops, hidden_size))
+
+    def forward(self, x):
+        t = self.step.t
+        normed = F.layer_norm(x, self.normalized_shape, eps=self.eps)
+        return super().forward(x) + normed * self.weight_delta[t] + self.bias_delta[t]
 
 
 # -----------------------------------------------------------------------------
@@ -189,6 +260,11 @@ class MeshGPTNeoXPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """Fresh-model init. transformers.initialization skips tensors already loaded from a checkpoint."""
         std = self.config.initializer_range
+        for name in ("lora_B", "bias_delta", "weight_delta"):  # relaxed sharing: starts as the plain recursion
+            if getattr(module, name, None) is not None:
+                init.zeros_(getattr(module, name))
+        if getattr(module, "lora_A", None) is not None:
+            init.normal_(module.lora_A, mean=0.0, std=std)
         if isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -229,7 +305,10 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
         super().__init__(config)
         self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
         # unique layers: prelude 0..P-1, core P..P+C-1 (K distinct blocks P..P+C*K-1 if not core_shared), coda
-        self.layers = nn.ModuleList(MeshGPTNeoXLayer(config) for _ in range(config.num_hidden_layers))
+        relaxed = config.lora_rank > 0 or config.relax_biases or config.relax_norms
+        core = range(config.num_prelude_layers, config.num_prelude_layers + config.num_core_layers)
+        self.layers = nn.ModuleList(MeshGPTNeoXLayer(config, relaxed=relaxed and i in core)
+                                    for i in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mesh = MeshRouters(config) if config.state_passing in MESH_VARIANTS else None
         # learned variant: (a1, a2, a3) per loop step, h_{t+1} = a1*core(h_t) + a2*h0 + a3*h_emb
@@ -317,10 +396,11 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
 
         cache_indices = iter(range(cfg.num_layer_applications))  # next cache entry, in execution order
 
-        def run(layers, h):
+        def run(layers, h, loop=None):
             for layer in layers:
                 idx = next(cache_indices)
-                h = layer(h, attention_mask=mask, position_embeddings=rope, cache=cache, cache_idx=idx, **kwargs)
+                h = layer(h, attention_mask=mask, position_embeddings=rope, cache=cache, cache_idx=idx, loop=loop,
+                          **kwargs)
             return h
 
         h_emb = inputs_embeds * cfg.embedding_multiplier
@@ -336,7 +416,7 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
 
         h = h0
         for t in range(cfg.num_loops):
-            y = run(self.core_block(t), h)
+            y = run(self.core_block(t), h, loop=t)
             if self.mesh is not None:
                 buffer, h = self.mesh.step(t + 1, buffer, router_input=h, new_state=y)
             else:

@@ -5,8 +5,14 @@ with the one convention used everywhere (summary, training log, benchmarks):
 
     flops/token = 6 * N_applied + 12 * L_compute * hidden * seq        (forward + backward)
     N_applied   = L_compute * 12 * hidden^2 + (K+1) * 2 * hidden * B + hidden * padded_vocab
+                  + K * C * r * sum over LoRA targets of (in + out)          (relaxed sharing)
 
-Every loop iteration is counted: a core of C layers run K times costs C*K layers.
+Every loop iteration is counted: a core of C layers run K times costs C*K layers. Relaxed
+sharing (model/relaxation.py, docs/MESH_METHOD.md section 7) holds one adapter per loop
+position, each applied once per token, so its parameters and its N_applied term are equal:
+
+    adapter params = K * C * r * sum_targets (in + out)        qkv 4h, dense 2h, fc1 and fc2 h + ffn
+    delta params   = K * C * (9h or h*5 + ffn biases if relax_biases, + 4h if relax_norms)
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from mesh_megatron.config import ModelConfig
 
 EMBEDDING_PREFIXES = ("embedding.", "output_layer.")
 ROUTER_MARKERS = (".write_routers.", ".read_routers.")
+ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
+DELTA_SUFFIXES = ("_delta",)
 
 
 @dataclass(frozen=True)
@@ -28,20 +36,53 @@ class ParameterCounts:
     embedding: int  # input embedding + output layer (untied)
     non_embedding: int  # all layers, routers and the final LayerNorm
     router: int  # MeSH write + read routers
+    adapter: int = 0  # relaxed sharing: LoRA A and B of every loop position
+    delta: int = 0  # relaxed sharing: per-position bias and LayerNorm deltas
 
     @classmethod
     def of(cls, model: nn.Module) -> "ParameterCounts":
-        total = embedding = router = 0
+        total = embedding = router = adapter = delta = 0
         for name, p in model.named_parameters():
             total += p.numel()
             if name.startswith(EMBEDDING_PREFIXES):
                 embedding += p.numel()
             elif any(marker in name for marker in ROUTER_MARKERS):
                 router += p.numel()
-        return cls(total=total, embedding=embedding, non_embedding=total - embedding, router=router)
+            elif name.endswith(ADAPTER_SUFFIXES):
+                adapter += p.numel()
+            elif name.endswith(DELTA_SUFFIXES):
+                delta += p.numel()
+        return cls(total=total, embedding=embedding, non_embedding=total - embedding, router=router,
+                   adapter=adapter, delta=delta)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def _target_widths(config: ModelConfig) -> dict[str, int]:
+    """in + out of each LoRA target (Pythia names)."""
+    h, f = config.hidden_size, config.ffn_size
+    return {"query_key_value": 4 * h, "dense": 2 * h, "dense_h_to_4h": h + f, "dense_4h_to_h": f + h}
+
+
+def adapter_params_per_position(config: ModelConfig) -> int:
+    """LoRA parameters of one loop iteration (C core layers): C * r * sum_targets (in + out)."""
+    if not config.lora_rank:
+        return 0
+    widths = _target_widths(config)
+    return config.parsed_layout.core * config.lora_rank * sum(widths[t] for t in config.lora_target_names)
+
+
+def adapter_params(config: ModelConfig) -> int:
+    return config.parsed_layout.loops * adapter_params_per_position(config)
+
+
+def delta_params(config: ModelConfig) -> int:
+    """Per-position bias deltas (qkv 3h, dense h, fc1 ffn, fc2 h) and norm deltas (2 x 2h)."""
+    h, f = config.hidden_size, config.ffn_size
+    per_layer = (5 * h + f if config.relax_biases else 0) + (4 * h if config.relax_norms else 0)
+    layout = config.parsed_layout
+    return layout.loops * layout.core * per_layer
 
 
 def applied_matmul_params(config: ModelConfig, tensor_parallel_size: int = 1) -> int:
@@ -50,7 +91,7 @@ def applied_matmul_params(config: ModelConfig, tensor_parallel_size: int = 1) ->
     layers = L * 12 * h * h
     loops = config.parsed_layout.loops
     routers = (loops + 1) * 2 * h * config.slots if config.is_mesh else 0
-    return layers + routers + h * config.padded_vocab_size(tensor_parallel_size)
+    return layers + routers + adapter_params(config) + h * config.padded_vocab_size(tensor_parallel_size)
 
 
 def training_flops_per_token(config: ModelConfig, seq_length: Optional[int] = None,

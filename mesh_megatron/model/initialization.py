@@ -11,7 +11,10 @@ Rules (docs/MESH_METHOD.md section 1, GPT-NeoX small init):
   * biases 0; LayerNorm weight 1, bias 0;
   * MeSH routers: truncated normal, std sqrt(2 / (B * h)), at 3 std; bias 0, or with
     `mesh_router_init: base` +margin on each step's own slot (state_passing.router_bias);
-  * learned state scalars: `learned_scalar_init`.
+  * learned state scalars: `learned_scalar_init`;
+  * relaxed sharing (model/relaxation.py): `lora_A` draws its layer's weight rule (N(0, init_std),
+    or the output-projection std for linear_proj / linear_fc2), `lora_B` and every `*_delta` 0,
+    so a fresh relaxed model computes exactly the plain recursion.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ def _full_shape(p: torch.Tensor, tp_size: int) -> list[int]:
 
 
 def _draw(name: str, shape: list[int], config: ModelConfig, gen: torch.Generator) -> torch.Tensor:
+    if name.endswith((".lora_B", "_delta")):
+        return torch.zeros(shape)
+    if name.endswith(".lora_A"):
+        output = any(f".{p.split('.')[1]}.lora_A" in name for p in OUTPUT_PROJECTIONS)
+        std = config.output_proj_init_std if output else config.weight_init_std
+        return torch.empty(shape).normal_(0.0, std, generator=gen)
     if name.endswith("state_passing.scalars"):
         return torch.tensor(config.learned_scalar_init).expand(shape).clone()
     if "_routers." in name:

@@ -21,6 +21,9 @@ so dropout draws the same numbers when the forward reruns in backward):
             has no loop and recomputes per layer.
     layer   each layer is recomputed on its own (only layer inputs stay live)
 
+Relaxed sharing (model/relaxation.py): the core's layers may add iteration t's own adapters;
+they read t from `self.loop`, set in `_layers`, i.e. inside what a recompute reruns.
+
 Under pipeline parallelism a block holds only its stage's pieces (parallel/pipeline_layout).
 Prelude and coda layers are keyed by their global index (`prelude.5` is prelude layer 5 on
 whichever stage owns it), so every stage's parameter names are the full model's names.
@@ -39,6 +42,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mesh_megatron.config import ModelConfig
+from mesh_megatron.model.relaxation import LoopIndex, relaxed_core_spec
 from mesh_megatron.model.state_passing import build_state_passing
 
 # Observer of block states for diagnostics: called with (name, state [s, b, h]).
@@ -63,13 +67,17 @@ class RecursiveBlock(MegatronModule):
         prelude = list(range(layout.prelude)) if prelude is None else prelude
         coda = list(range(layout.coda)) if coda is None else coda
 
-        def layer(number: int) -> nn.Module:
-            return build_module(layer_spec, config=tf_config, layer_number=number)
+        # Relaxed sharing: the core's layers read the iteration from `loop` (model/relaxation.py).
+        self.loop = LoopIndex()
+        core_spec = relaxed_core_spec(layer_spec, config, self.loop)
+
+        def layer(number: int, spec: ModuleSpec = layer_spec) -> nn.Module:
+            return build_module(spec, config=tf_config, layer_number=number)
 
         self.prelude = nn.ModuleDict({str(i): layer(i + 1) for i in prelude})
         has_core = has_core and layout.is_looped
         core_offset = layout.prelude
-        self.core = nn.ModuleList(layer(core_offset + i + 1) for i in range(n_core if has_core else 0))
+        self.core = nn.ModuleList(layer(core_offset + i + 1, core_spec) for i in range(n_core if has_core else 0))
         coda_offset = layout.prelude + n_core
         self.coda = nn.ModuleDict({str(i): layer(coda_offset + i + 1) for i in coda})
         self.state_passing = build_state_passing(config) if has_core else None
@@ -80,24 +88,29 @@ class RecursiveBlock(MegatronModule):
             return self.core
         return self.core[t * self.core_layers:(t + 1) * self.core_layers]
 
-    @staticmethod
-    def _layers(layers, h: Tensor, rotary_pos_emb: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    def _layers(self, layers, h: Tensor, rotary_pos_emb: Tensor, attention_mask: Optional[Tensor],
+                t: Optional[int] = None) -> Tensor:
+        self.loop.t = t  # set here, inside what a recompute reruns: iteration t's own adapters
         for layer in layers:
             h = layer(h, rotary_pos_emb, attention_mask)
         return h
 
-    def _run(self, layers, h: Tensor, rotary_pos_emb: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-        """Apply `layers` in order; under recompute (training only) keep just the inputs of
-        each layer (`layer`) or of the whole run (`loop`) and rerun the forward in backward."""
+    def _run(self, layers, h: Tensor, rotary_pos_emb: Tensor, attention_mask: Optional[Tensor],
+             t: Optional[int] = None) -> Tensor:
+        """Apply `layers` (loop iteration `t`, None outside the loop) in order; under recompute
+        (training only) keep just the inputs of each layer (`layer`) or of the whole run (`loop`)
+        and rerun the forward in backward."""
         layers = list(layers)
         if self.recompute == "none" or not self.training or not layers or not torch.is_grad_enabled():
-            return self._layers(layers, h, rotary_pos_emb, attention_mask)
+            return self._layers(layers, h, rotary_pos_emb, attention_mask, t)
         if self.recompute == "layer" or not self.core_layers:  # vanilla has no loop: per layer
             for layer in layers:
-                h = tensor_parallel.checkpoint(self._counted(layer), False, h, rotary_pos_emb, attention_mask)
+                h = tensor_parallel.checkpoint(self._counted(
+                    lambda x, rot, mask, layer=layer: self._layers([layer], x, rot, mask, t)), False, h,
+                    rotary_pos_emb, attention_mask)
             return h
         return tensor_parallel.checkpoint(
-            self._counted(lambda x, rot, mask: self._layers(layers, x, rot, mask)), False, h, rotary_pos_emb,
+            self._counted(lambda x, rot, mask: self._layers(layers, x, rot, mask, t)), False, h, rotary_pos_emb,
             attention_mask)
 
     def _counted(self, run: Callable) -> Callable:
@@ -121,7 +134,7 @@ class RecursiveBlock(MegatronModule):
             if observe:
                 observe("h0", h)
             for t in range(self.loops):
-                y = self._run(self.core_block(t), h, rotary_pos_emb, attention_mask)
+                y = self._run(self.core_block(t), h, rotary_pos_emb, attention_mask, t)
                 h, carry = self.state_passing.step(t, h, y, carry)
                 if observe:
                     observe(f"h{t + 1}", h)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from mesh_megatron.config import (ATTENTION_BACKENDS, MESH_ROUTER_INITS, MESH_ROUTER_MARGIN, PRESETS, RECOMPUTE,
+from mesh_megatron.config import (ATTENTION_BACKENDS, LORA_FULL, LORA_TARGETS, MESH_ROUTER_INITS, MESH_ROUTER_MARGIN, PRESETS, RECOMPUTE,
                                   VARIANTS, ConfigError, DataConfig,
                                   ExecutionConfig, LoggingConfig, ModelConfig,
                                   ParallelConfig, TrainingConfig, validate, validate_training)
@@ -21,6 +21,11 @@ from mesh_megatron.parallel.initialize import DEFAULT_TIMEOUT_MINUTES
 from mesh_megatron.training import recipe
 
 DEFAULTS = TrainingConfig()
+
+
+def lora_rank(text):
+    """--lora-rank: an integer, or 'full' (argparse reports a ValueError as an invalid value)."""
+    return text if text == LORA_FULL else int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(+margin on a fresh slot per step: MeSH starts as the base recursion)")
     m.add_argument("--mesh-router-margin", type=float, default=None,
                    help=f"--mesh-router-init base: the bias on each step's own slot (default {MESH_ROUTER_MARGIN})")
+    m.add_argument("--lora-rank", type=lora_rank, default=None,
+                   help="relaxed sharing: a rank-r LoRA per loop iteration on the shared core's --lora-targets "
+                        f"(0 = off); '{LORA_FULL}' = full rank with --relax-biases and --relax-norms")
+    m.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling alpha / r (default alpha = r)")
+    m.add_argument("--lora-targets", default=None,
+                   help=f"comma list of core linears with adapters (default: all of {','.join(LORA_TARGETS)})")
+    m.add_argument("--relax-biases", action="store_true", default=None,
+                   help="each loop iteration gets its own biases of the core's linears (a delta, 0 at init)")
+    m.add_argument("--relax-norms", action="store_true", default=None,
+                   help="each loop iteration gets its own LayerNorm weight and bias in the core (0 deltas at init)")
     m.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
     m.add_argument("--hidden-dropout", type=float, default=0.0,
                    help="dropout on the embeddings and on the output of each attention and MLP branch "

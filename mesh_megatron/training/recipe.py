@@ -36,7 +36,7 @@ NOT_RECIPE = {"help", "config", "load", "print_config", "local_rank", "deepspeed
               "preempt_grace_seconds"}
 # Model flags that are also ModelConfig fields (mesh_slots, dropout, ...) go through the flags.
 FIELD_FLAGS = ("mesh_slots", "mesh_router_init", "mesh_router_margin", "seq_length", "hidden_dropout",
-               "attention_dropout")
+               "attention_dropout", "lora_rank", "lora_alpha", "lora_targets", "relax_biases", "relax_norms")
 MODEL_FLAGS = ("preset", "variant", "layout", *FIELD_FLAGS)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -131,6 +131,8 @@ def _model_field(value: Any, name: str, where: str) -> Any:
             if len(out) != 3:
                 raise ValueError
             return out
+        if name == "lora_rank" and value == "full":
+            return value
         if kind is bool:
             if not isinstance(value, bool):
                 raise ValueError

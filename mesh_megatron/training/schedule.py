@@ -33,9 +33,14 @@ def fused_adamw_for(device: torch.device) -> bool:
 
 
 def adamw(model: torch.nn.Module, train: TrainingConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with the paper's betas; biases and norm weights (1-D tensors) are not decayed."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """AdamW with the paper's betas; biases and norm weights (1-D tensors, and their per-iteration
+    `*_delta` of relaxed sharing) are not decayed."""
+    def decayed(name: str, p: torch.Tensor) -> bool:
+        return p.ndim >= 2 and not name.endswith("_delta")
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if decayed(n, p)]
+    no_decay = [p for n, p in named if not decayed(n, p)]
     groups = [{"params": decay, "weight_decay": train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),

@@ -19,9 +19,20 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_tp2_matches_tp1(variant, tmp_path):
     run_workers(WORKER, 1, [variant, str(tmp_path)])
     run_workers(WORKER, 2, [variant, str(tmp_path)])
+    _compare(tmp_path, variant)
+    if variant != "vanilla":
+        # the same launches ran the relaxed model (per-iteration LoRA, biases, norms; random B):
+        # column-parallel B and row-parallel A split, the other factor replicated
+        tp2 = _compare(tmp_path, f"{variant}+lora")
+        adapters = [n for n in tp2["grads"] if n.endswith((".lora_A", ".lora_B", "_delta"))]
+        assert len(adapters) == 2 * (4 * 3 + 2 * 2), adapters  # 2 core layers x (4 linears x A,B,db + 2 norms)
+        assert all(tp2["grads"][n].abs().sum() > 0 for n in adapters)
+
+
+def _compare(tmp_path, variant):
     ref = torch.load(tmp_path / f"result_{variant}_tp1.pt")
     tp2 = torch.load(tmp_path / f"result_{variant}_tp2.pt")
-
+    assert tp2["replicated_spread"] == 0  # replicated parameters: the same gradient on every rank
     assert ref["logits"].shape == tp2["logits"].shape
     assert (ref["logits"] - tp2["logits"]).abs().max() <= 1e-5 * max(1.0, ref["logits"].abs().max())
     assert abs(ref["loss"].item() - tp2["loss"].item()) <= 1e-5
@@ -29,8 +40,9 @@ def test_tp2_matches_tp1(variant, tmp_path):
     for name, g in ref["grads"].items():
         assert g.shape == tp2["grads"][name].shape, name
         assert (g - tp2["grads"][name]).abs().max() <= 1e-5, (name, _rel_err(tp2["grads"][name], g))
-    if variant == "mesh":  # the routers are replicated across TP ranks and still learn
+    if variant.startswith("mesh"):  # the routers are replicated across TP ranks and still learn
         assert any("write_routers" in n for n in ref["grads"])
+    return tp2
 
 
 def test_mesh_router_init_base_starts_as_base_at_tp2(tmp_path):

@@ -15,21 +15,41 @@ from mesh_megatron.model import MeshGPTModel
 from mesh_megatron.parallel.initialize import destroy, initialize_distributed, set_seed
 
 
+# base and mesh also run relaxed (model/relaxation.py) in the same launch: adapters on every
+# target, per-iteration biases and norms, random B and deltas so every adapter path carries signal.
+RELAXED = dict(lora_rank=4, lora_alpha=8.0, relax_biases=True, relax_norms=True)
+
+
 def main(variant: str, out_dir: str, backend: str = "auto") -> None:
     """`backend`: the attention backend; results of a non-default backend are saved as
-    result_{variant}_{backend}_tp{world}.pt (the full weights stay those of world 1)."""
+    result_{variant}_{backend}_tp{world}.pt (the full weights stay those of world 1).
+    base and mesh (default backend) also save result_{variant}+lora_tp{world}.pt."""
     world = int(os.environ["WORLD_SIZE"])
     parallel = ParallelConfig(tensor_model_parallel_size=world)
-    cfg = preset("tiny", variant, seq_length=32)
-    validate(cfg, parallel, world)
     initialize_distributed(parallel)
+    runs = [(variant, {})]
+    if variant in ("base", "mesh") and backend == "auto":
+        runs.append((f"{variant}+lora", RELAXED))
+    for name, extra in runs:
+        _run(name, preset("tiny", variant, seq_length=32, **extra), parallel, world, out_dir, backend)
+    destroy()
+
+
+def _run(name, cfg, parallel, world, out_dir, backend) -> None:
+    validate(cfg, parallel, world)
     set_seed(1234)
     from megatron.core import parallel_state
 
     model = MeshGPTModel(cfg, to_transformer_config(cfg, parallel),
                          execution=ExecutionConfig(attention_backend=backend))
-    full_path = os.path.join(out_dir, f"full_{variant}.pt")
+    full_path = os.path.join(out_dir, f"full_{name}.pt")
     if world == 1:
+        if cfg.is_relaxed:
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(3)
+                for n, p in model.named_parameters():
+                    if n.endswith((".lora_B", "_delta")):
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
         torch.save(model.state_dict(), full_path)
     else:
         full = torch.load(full_path)
@@ -44,12 +64,21 @@ def main(variant: str, out_dir: str, backend: str = "auto") -> None:
     loss = model(inputs, labels=labels).mean()
     loss.backward()
     grads = gather_state({n: p.grad for n, p in model.named_parameters()}, model, tp_group)
+    # replicated parameters (norms, routers, A of column / B of row adapters): every rank must
+    # hold the same full gradient, with no reduction after backward
+    spread = torch.zeros(())
+    for n, p in model.named_parameters():
+        if not getattr(p, "tensor_model_parallel", False):
+            hi, lo = p.grad.clone(), p.grad.clone()
+            torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+            torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=tp_group)
+            spread = torch.maximum(spread, (hi - lo).abs().max())
     if torch.distributed.get_rank() == 0:
         from mesh_megatron.model.attention import core_attention_names
 
-        torch.save({"logits": logits, "loss": loss.detach(), "grads": grads, "core": core_attention_names(model)},
-                   os.path.join(out_dir, f"result_{variant}{'' if backend == 'auto' else '_' + backend}_tp{world}.pt"))
-    destroy()
+        torch.save({"logits": logits, "loss": loss.detach(), "grads": grads, "core": core_attention_names(model),
+                    "replicated_spread": spread},
+                   os.path.join(out_dir, f"result_{name}{'' if backend == 'auto' else '_' + backend}_tp{world}.pt"))
 
 
 def checkpoint_logits(ckpt_dir: str, ids_path: str, out_path: str) -> None:

@@ -122,3 +122,27 @@ def test_bad_config_has_one_clear_message(change, parallel, message):
 def test_unknown_preset_names_choices():
     with pytest.raises(ConfigError, match="preset 'pythia-7b' is unknown: choose one of tiny"):
         preset("pythia-7b")
+
+
+@pytest.mark.parametrize("rank,targets,per_position", [
+    (8, None, 1_048_576),  # 8 core layers x r 8 x (4h + 2h + 2 (h + 4h)) = 64 x 16,384
+    (32, None, 4_194_304),
+    ("full", None, 134_217_728),  # r = h = 1024
+    (8, "dense,dense_4h_to_h", 8 * 8 * (2 * 1024 + 5 * 1024)),
+])
+def test_relaxed_counts_and_flops_match_the_formula(megatron_single, rank, targets, per_position):
+    """Adapters of pythia-410m base 4+8R2+4 (K = 2 loop positions), counted from the built model."""
+    from mesh_megatron.model.accounting import adapter_params, adapter_params_per_position, delta_params
+
+    cfg = preset("pythia-410m", "base", "4+8R2+4", lora_rank=rank,
+                 **({"lora_targets": targets} if targets else {}))
+    validate(cfg)
+    counts, plain = meta_counts(cfg), meta_counts(preset("pythia-410m", "base", "4+8R2+4"))
+    assert adapter_params_per_position(cfg) == per_position
+    assert counts.adapter == adapter_params(cfg) == 2 * per_position
+    # full rank also relaxes biases (5h + ffn) and norms (4h) of each of the 16 positions
+    assert counts.delta == delta_params(cfg) == (16 * (5 * 1024 + 4096 + 4 * 1024) if rank == "full" else 0)
+    assert counts.total == plain.total + counts.adapter + counts.delta
+    # each position's adapter is applied once per token: 6 FLOPs per adapter parameter
+    assert training_flops_per_token(cfg) - training_flops_per_token(preset("pythia-410m", "base", "4+8R2+4")) \
+        == 6 * counts.adapter

@@ -1,0 +1,145 @@
+"""Relaxed sharing (model/relaxation.py): a LoRA, bias and LayerNorm delta per loop iteration.
+
+Fresh adapters (B = 0, deltas 0) are the plain recursion exactly; random ones equal an
+unrolled vanilla model whose layer t*C + c holds the merged W_c + s B_{t,c} A_{t,c}; recompute
+reruns each iteration with its own adapters."""
+
+import pytest
+import torch
+
+from mesh_megatron.config import (ADDITIVE_SUPPLEMENTS, ConfigError, ExecutionConfig, preset,
+                                  to_transformer_config, validate)
+from mesh_megatron.model import MeshGPTModel
+from mesh_megatron.parallel.initialize import set_seed
+
+SEQ, BATCH = 16, 2
+LOOPED = (*ADDITIVE_SUPPLEMENTS, "learned", "mesh")  # every variant with a shared core
+RELAX = dict(lora_rank=4, relax_biases=True, relax_norms=True)
+
+
+def build(variant, layout=None, execution=None, seed=11, **overrides):
+    cfg = preset("tiny", variant, layout, **{"seq_length": SEQ, **overrides})
+    validate(cfg)
+    return MeshGPTModel(cfg, to_transformer_config(cfg), execution=execution, init_seed=seed)
+
+
+def tokens(seed=0):
+    t = torch.randint(0, 4096, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+    return t[:, :-1], t[:, 1:]
+
+
+@torch.no_grad()
+def randomize_adapters(model, seed=3, scale=0.05):
+    """Random B and deltas, different per iteration (A keeps its init)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith((".lora_B", "_delta")):
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.mark.parametrize("variant", LOOPED)
+def test_fresh_adapters_are_the_plain_recursion_exactly(megatron_single, variant):
+    plain, relaxed = build(variant), build(variant, **RELAX)
+    shared = dict(plain.named_parameters())
+    extra = {n: p for n, p in relaxed.named_parameters() if n not in shared}
+    # the shared weights are drawn identically (per-name init); the rest are the adapters
+    for n, p in relaxed.named_parameters():
+        if n in shared:
+            assert torch.equal(p, shared[n]), n
+    assert extra and all(n.endswith((".lora_A", ".lora_B", "_delta")) and n.startswith("block.core.")
+                         for n in extra), sorted(extra)
+    assert all(p.abs().sum() == 0 for n, p in extra.items() if not n.endswith(".lora_A"))
+    assert all(p.abs().sum() > 0 for n, p in extra.items() if n.endswith(".lora_A"))
+    inputs, labels = tokens()
+    assert torch.equal(relaxed(inputs), plain(inputs))
+    assert torch.equal(relaxed(inputs, labels=labels), plain(inputs, labels=labels))
+
+
+@torch.no_grad()
+def test_adapters_equal_unrolled_merged_weights(megatron_single):
+    """base 1+2R3+1 with random per-iteration adapters == vanilla 8 layers whose layer
+    P + t*C + c holds W_c + (alpha/r) B_{t,c} A_{t,c}, b_c + db_{t,c}, LN_c + d LN_{t,c}."""
+    P, C, K = 1, 2, 3
+    layout = f"{P}+{C}R{K}+1"
+    relaxed = build("base", layout, lora_alpha=8.0, **RELAX)
+    randomize_adapters(relaxed)
+    flat = build("vanilla", layout)
+    params = dict(relaxed.named_parameters())
+    scale = relaxed.model_config.lora_scale
+    assert scale == 2.0
+    flat_params = dict(flat.named_parameters())
+    for name, p in flat_params.items():
+        if not name.startswith("block.prelude."):
+            p.copy_(params[name])
+            continue
+        i, rest = name[len("block.prelude."):].split(".", 1)
+        i = int(i)
+        if i < P:
+            p.copy_(params[name])
+        elif i >= P + C * K:
+            p.copy_(params[f"block.coda.{i - P - C * K}.{rest}"])
+        else:
+            t, c = divmod(i - P, C)
+            module, leaf = rest.rsplit(".", 1)
+            base = f"block.core.{c}.{module}"
+            value = params[f"{base}.{leaf}"].clone()
+            if leaf == "weight" and f"{base}.lora_A" in params:
+                value += scale * params[f"{base}.lora_B"][t] @ params[f"{base}.lora_A"][t]
+            elif f"{base}.{leaf}_delta" in params:
+                value += params[f"{base}.{leaf}_delta"][t]
+            p.copy_(value)
+    inputs, _ = tokens()
+    got, want = relaxed(inputs), flat(inputs)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # and the adapters matter: the same model with fresh B and deltas is far away
+    plain = build("base", layout)
+    assert (plain(inputs) - want).abs().max() > 1e-2 * want.abs().max()
+
+
+def run(model, seed=5):
+    set_seed(seed)
+    inputs, labels = tokens()
+    model.train()
+    loss = model(inputs, labels=labels).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("variant", ["base", "mesh"])
+@pytest.mark.parametrize("recompute", ["loop", "layer"])
+def test_recompute_uses_each_iterations_own_adapters(megatron_single, variant, recompute):
+    models = []
+    for mode in ("none", recompute):
+        m = build(variant, execution=ExecutionConfig(recompute=mode), **RELAX)
+        randomize_adapters(m)
+        models.append(m)
+    ref, got = run(models[0]), run(models[1])
+    assert models[1].block.recomputed == (4 if recompute == "loop" else 6)
+    assert abs(got[0] - ref[0]) <= 1e-6 * abs(ref[0])
+    scale = max(g.abs().max() for g in ref[1].values())
+    for name in ref[1]:
+        assert (got[1][name] - ref[1][name]).abs().max() <= 1e-6 * scale, name
+    # the adapters of both iterations got their own (different, nonzero) gradients
+    g = ref[1]["block.core.0.self_attention.linear_qkv.lora_B"]
+    assert g[0].abs().sum() > 0 and g[1].abs().sum() > 0 and not torch.allclose(g[0], g[1])
+
+
+def test_relaxation_flags_are_checked(megatron_single):
+    with pytest.raises(ConfigError, match="shared looped core"):
+        validate(preset("tiny", "vanilla+mesh", lora_rank=4))
+    with pytest.raises(ConfigError, match="above full rank 64"):
+        validate(preset("tiny", "base", lora_rank=65))
+    with pytest.raises(ConfigError, match="needs --lora-rank"):
+        validate(preset("tiny", "base", lora_alpha=16.0))
+    with pytest.raises(ConfigError, match="lora target 'attn' is unknown"):
+        preset("tiny", "base", lora_rank=4, lora_targets="attn")
+    full = preset("tiny", "base", lora_rank="full")
+    assert (full.lora_rank, full.relax_biases, full.relax_norms) == (64, True, True)
+    # training names are aliases of the Pythia ones, kept in layer order
+    assert preset("tiny", "base", lora_targets="linear_fc2,dense").lora_targets == "dense,dense_4h_to_h"
+
+
+def test_targets_pick_the_wrapped_linears(megatron_single):
+    m = build("base", lora_rank=2, lora_targets="dense")
+    names = [n for n, _ in m.named_parameters() if "lora" in n or "delta" in n]
+    assert names == [f"block.core.{c}.self_attention.linear_proj.lora_{x}" for c in (0, 1) for x in "AB"]
