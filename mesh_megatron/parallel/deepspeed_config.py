@@ -212,3 +212,23 @@ def _bf16_gradients_in_fp32(ds: dict[str, Any], stage: int, path: str, pipeline_
             raise ConfigError(f"{path}: bf16.immediate_grad_update false loses the gradients under pipeline "
                               "parallelism (the schedule's backward skips DeepSpeed's epilogue): remove the key")
         bf16.setdefault("immediate_grad_update", True)
+
+
+def check_recompute(ds: dict[str, Any], recompute: str, core_repeats: bool, path: str) -> None:
+    """Refuse what DeepSpeed's per-parameter reduction hooks cannot take: recomputing a core
+    whose weights run more than once per forward. Recomputation replays each iteration in its
+    own backward, so a shared weight's gradient arrives once per iteration, and DeepSpeed's
+    ZeRO optimizer (at stage 2, or at stage 1 with overlap_comm) reduces a weight at its first
+    arrival and stops at the second ("has already been reduced"). ZeRO-1 without overlap, or
+    bf16 ZeRO-1 (BF16_Optimizer, which only adds into its fp32 buffer), is fine."""
+    if recompute == "none" or not core_repeats:
+        return
+    stage = zero_stage(ds)
+    bf16_optimizer = ds.get("bf16", {}).get("enabled") and gradient_dtypes(ds)[0] == "fp32"
+    overlapped = ds.get("zero_optimization", {}).get("overlap_comm") and not bf16_optimizer
+    if stage == 2 or (stage == 1 and overlapped):
+        what = "ZeRO stage 2" if stage == 2 else "ZeRO-1 with overlap_comm"
+        raise ConfigError(f"{path}: {what} cannot recompute a looped core (--recompute {recompute}): its "
+                          "hooks reduce each weight once per backward, and recomputation delivers the shared "
+                          "core's gradient once per iteration; use --ds_config examples/zero1.json or "
+                          "--recompute none")

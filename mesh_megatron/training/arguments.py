@@ -312,6 +312,9 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         check_model_config(args.load, tag, model)
         check_parallel_layout(args.load, tag, parallel)
     execution = ExecutionConfig(attention_backend=args.attention_backend, recompute=args.recompute)
+    from mesh_megatron.parallel.deepspeed_config import check_recompute
+
+    check_recompute(ds, execution.recompute, model.core_shared and model.parsed_layout.loops > 1, args.ds_config)
     from mesh_megatron.model.attention import resolve_attention_backend
 
     resolve_attention_backend(execution.attention_backend)  # te without Transformer Engine: refused here

@@ -3,6 +3,8 @@
     StepSampler(first_step)  -> the sample indices of every micro-batch of this DP rank, step
                                 after step, from `first_step` on (a resumed run's next step)
     DataLoader(workers, prefetch, pin_memory on GPU) -> (tokens, labels, mask) on the host
+    StepsAhead(loader, accum) -> one list of `accum` micro-batches per step, the next step's
+                                read by a thread while the current step computes
     to_device(...)           -> the same, on the engine's device (non_blocking from pinned memory)
 
 The loader only moves *when* samples are read (ahead, in worker processes) never *which*:
@@ -15,8 +17,10 @@ dropout mask after a resume. The loader has its own generator, seeded from the r
 
 from __future__ import annotations
 
+import queue
 import signal
-from typing import Iterator
+import threading
+from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -70,3 +74,65 @@ def train_loader(dataset, train: TrainingConfig, dp_rank: int, dp_size: int, fir
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Copies to the device; asynchronous from pinned host memory."""
     return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+class StepsAhead:
+    """The loader's micro-batches grouped by optimizer step, one step read ahead.
+
+    A thread reads step i+1's `accum` micro-batches while step i computes, whatever `accum` is
+    (the DataLoader's own read-ahead covers workers x prefetch_factor batches; a step of 64
+    micro-batches would otherwise wait for most of its reads). The loader's iterator is made
+    here, in the caller's thread, where a run without --num-workers made it before; the
+    thread only calls next() on it, in order, so which samples each step gets is unchanged
+    and resume stays exact. An error while reading is raised in the caller at that step.
+    Iterating ends at the last complete step; close() stops the thread early.
+    """
+
+    _END = object()
+
+    def __init__(self, loader, accum: int, depth: int = 1):
+        self._it = iter(loader)
+        self.accum = accum
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)  # whole steps waiting to be taken
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="steps-ahead", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            while not self._stop.is_set():
+                step = []
+                for batch in self._it:
+                    step.append(batch)
+                    if len(step) == self.accum:
+                        break
+                if len(step) < self.accum:
+                    break
+                self._put(step)
+        except BaseException as e:  # re-raised in the training thread
+            self._put(e)
+        self._put(self._END)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> "StepsAhead":
+        return self
+
+    def __next__(self) -> list[Batch]:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)  # stays exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self, timeout: Optional[float] = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)

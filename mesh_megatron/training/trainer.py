@@ -9,7 +9,6 @@ Everything is decided before this runs (RunConfig is validated); this file only 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import random
 import sys
@@ -30,7 +29,7 @@ from mesh_megatron.parallel.deepspeed_config import (describe_gradient_precision
                                                      zero_stage)
 from mesh_megatron.training.metrics import StepWindow, Throughput, device_peak, peak_memory_gib
 from mesh_megatron.training.schedule import adamw, cosine_with_warmup, fused_adamw_for, keep_fused_choice
-from mesh_megatron.training.batches import Batch, to_device, train_loader
+from mesh_megatron.training.batches import Batch, StepsAhead, to_device, train_loader
 from mesh_megatron.training.sinks import LogSinks
 from mesh_megatron.training.steps import NonFiniteLoss, PipelineStep, PlainStep  # noqa: F401 (re-exported)
 
@@ -162,16 +161,16 @@ class Trainer:
     # ---------------------------------------------------------------- batches and steps
     def train_batches(self) -> Iterator[list[Batch]]:
         """This rank's micro-batches, one list per step from the current iteration on, on the
-        engine's device (read ahead by the DataLoader's workers)."""
+        engine's device; the next step's are read while the current one computes (StepsAhead,
+        on top of the DataLoader's workers)."""
         loader = train_loader(self.train_ds, self.train, self.dp_rank, self.dp_size, self.iteration,
                               self.device, self.run.num_workers)
-        accum = gradient_accumulation_steps(self.train, self.dp_size)
-        it = iter(loader)
-        while True:
-            step = list(itertools.islice(it, accum))
-            if len(step) < accum:
-                return
-            yield [to_device(b, self.device) for b in step]
+        steps = StepsAhead(loader, gradient_accumulation_steps(self.train, self.dp_size))
+        try:
+            for step in steps:
+                yield [to_device(b, self.device) for b in step]
+        finally:
+            steps.close()
 
     def train_step(self, batches: list[Batch]) -> tuple[float, int]:
         """One optimizer step (training/steps.py); (mean loss, skipped micro-batches)."""
@@ -316,6 +315,7 @@ class Trainer:
 
             reruns = sum(m.recomputed for m in self.engine.module.modules() if isinstance(m, RecursiveBlock))
             self.sinks.print(f"recompute {ex.recompute}: {reruns} block forwards rerun in backward on rank 0")
+        batches.close()  # stops the read-ahead thread (StepsAhead)
         if checkpoints.save_dir:
             self._save(checkpoints)
         return history

@@ -1,4 +1,4 @@
-"""bf16 gradients are accumulated (and reduced) in fp32: ZeRO-1, ZeRO-2 and PP=2 (interleaved).
+"""bf16 gradients are accumulated (and reduced) in fp32: ZeRO-1, ZeRO-2, TP=2, PP=2 (and interleaved).
 
 One optimizer step of 32 micro-batches per rank through the trainer's own construction and
 step (tests/distributed/grad_accum_worker.py). For every element of every parameter, the
@@ -28,12 +28,18 @@ RUNS = {
     # 2 data-parallel ranks x 32 micro-batches each: accumulation and the fp32 reduction.
     "zero1": ["--ds_config", "examples/zero1.json", "--global-batch-size", "64"],
     "zero2": ["--ds_config", "examples/zero2.json", "--global-batch-size", "64"],
-    # 2 pipeline stages x 2 chunks (interleaved 1F1B, the looped core on one chunk), 32
-    # micro-batches through megatron's schedule: DeepSpeed's hooks must see its backward.
+    # Tensor parallel: each rank accumulates its shards (and the replicated weights).
+    "tp2_zero1": ["--ds_config", "examples/zero1.json", "--global-batch-size", "32",
+                  "--tensor-model-parallel-size", "2"],
+    # 32 micro-batches through megatron's schedule (1F1B; interleaved: 2 stages x 2 chunks,
+    # the looped core on one chunk): DeepSpeed's hooks must see the schedule's backward.
+    "pp2": ["--ds_config", "examples/zero1.json", "--global-batch-size", "32",
+            "--pipeline-model-parallel-size", "2", "--pipeline-split", "1,5"],
     "pp2_interleaved": ["--ds_config", "examples/zero1.json", "--global-batch-size", "32", "--layout", "2+2R2+2",
                         "--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
 }
-OPTIMIZER = {"zero1": "BF16_Optimizer", "zero2": "DeepSpeedZeroOptimizer", "pp2_interleaved": "BF16_Optimizer"}
+OPTIMIZER = {"zero1": "BF16_Optimizer", "zero2": "DeepSpeedZeroOptimizer", "tp2_zero1": "BF16_Optimizer",
+             "pp2": "BF16_Optimizer", "pp2_interleaved": "BF16_Optimizer"}
 
 
 def bound_ratio(got: torch.Tensor, exact: torch.Tensor, abs_sum: torch.Tensor, n: int) -> float:

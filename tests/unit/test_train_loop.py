@@ -166,7 +166,7 @@ def test_tokens_per_s_and_mfu_count_training_steps_only(trainers, monkeypatch):
     monkeypatch.setattr(trainer_module, "device_peak", lambda precision: h100)
     monkeypatch.setattr(trainer_module.torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(trainer, "clock", lambda: now[0])
-    monkeypatch.setattr(trainer, "train_batches", lambda: iter(lambda: [], None))  # batches the fake step ignores
+    monkeypatch.setattr(trainer, "train_batches", lambda: (([] for _ in iter(int, 1))))  # the fake step ignores them
     monkeypatch.setattr(trainer.step, "train", advance(1.0, (2.0, 0)))
     monkeypatch.setattr(trainer, "evaluate", advance(100.0, 2.0))
     monkeypatch.setattr(trainer, "_save", advance(100.0))
