@@ -20,6 +20,7 @@ What a step may cost (accumulation 4, bf16, the example ds_configs):
 """
 
 import collections
+import json
 import os
 import traceback
 
@@ -211,16 +212,21 @@ def test_peak_table_names_the_card(device, card, bf16):
 
 
 def test_overlapped_reduction_is_off_for_a_recomputed_shared_core(tmp_path):
-    """examples/zero2.json overlaps ZeRO's reduction with backward; under --recompute a looped
+    """A ZeRO-1 ds_config that overlaps the reduction with backward: under --recompute a looped
     core's shared weights get their gradient once per recomputed iteration, which DeepSpeed's
     overlapped hooks refuse ("Gradient computed twice"): the run reduces after backward then.
-    Unshared layers (vanilla) keep the overlap. (The training test that caught it:
-    tests/distributed/test_execution_parallel.py::test_recompute_loop_equals_none_in_training.)"""
+    Unshared layers (vanilla) keep the overlap. (ZeRO-2 reduces in hooks with or without the
+    overlap and is refused: tests/unit/test_deepspeed_config.py. The training test that caught
+    it: tests/distributed/test_execution_parallel.py::test_recompute_loop_equals_none_in_training.)"""
     from mesh_megatron.training import arguments
 
+    ds = json.load(open(os.path.join(ROOT, "examples", "zero1.json")))
+    ds["zero_optimization"]["overlap_comm"] = True
+    (tmp_path / "zero1_overlap.json").write_text(json.dumps(ds))
+
     def overlap(*flags):
-        run = arguments.parse(["--ds_config", "examples/zero2.json", "--save", str(tmp_path / "s"), *flags],
-                              world_size=1)
+        run = arguments.parse(["--ds_config", str(tmp_path / "zero1_overlap.json"), "--save", str(tmp_path / "s"),
+                               *flags], world_size=1)
         return run.ds_config["zero_optimization"]["overlap_comm"]
 
     assert overlap() is True
