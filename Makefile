@@ -6,6 +6,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for `make test`: two, one per core of the 2-core CI machine. Whole test
+# files go to one worker (--dist loadfile), so a module's fixtures are built once.
+TEST_JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 .PHONY: setup test test-unit test-distributed train clean
 
@@ -19,13 +23,13 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 test-unit: setup
-	$(BIN)/python -m pytest -q tests/unit
+	$(PYTEST) tests/unit
 
 test-distributed: setup
-	$(BIN)/python -m pytest -q tests/distributed
+	$(PYTEST) tests/distributed
 
 train: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed pretrain_mesh.py --ds_config examples/zero2.json
