@@ -227,6 +227,61 @@ class ExecutionConfig:
             raise ConfigError(f"recompute {self.recompute!r} is unknown: choose one of {', '.join(RECOMPUTE)}")
 
 
+RECURRENCE_SAMPLINGS = ("fixed", "poisson-lognormal")
+
+
+@dataclass
+class RecurrenceConfig:
+    """How many loop iterations a training forward runs, and how many of them backpropagate
+    (model/recurrence.py; docs/MESH_METHOD.md section 6; Huginn, arXiv 2502.05171).
+
+    Never part of a checkpoint's model config: evaluation and the export run the layout's K
+    (the export takes any `num_loops`), whatever training drew.
+    """
+
+    # fixed: K every forward (the layout's); poisson-lognormal: Huginn's
+    # n = Poisson(LogNormal(log R - sigma^2 / 2, sigma = 0.5)) + 1 per micro-batch.
+    sampling: str = "fixed"
+    mean_recurrence: Optional[float] = None  # R of poisson-lognormal (E[n] = R + 1)
+    backprop_depth: Optional[int] = None  # k: only the last min(n, k) iterations backpropagate; None: all
+    seed: int = 0  # the draws are a function of (seed, iteration, micro-batch): the run's --seed
+
+    @property
+    def is_random(self) -> bool:
+        return self.sampling != "fixed"
+
+
+def validate_recurrence(model: "ModelConfig", recurrence: RecurrenceConfig) -> None:
+    """Refuse a recurrence the model cannot run: one line naming the flag and the fix."""
+    if recurrence.sampling not in RECURRENCE_SAMPLINGS:
+        raise ConfigError(f"--recurrence-sampling {recurrence.sampling!r} is unknown: choose one of "
+                          f"{', '.join(RECURRENCE_SAMPLINGS)}")
+    if recurrence.backprop_depth is not None and recurrence.backprop_depth < 1:
+        raise ConfigError(f"--backprop-depth {recurrence.backprop_depth} must be >= 1 (the last k loop "
+                          "iterations backpropagate; leave it out to backpropagate through all)")
+    if not recurrence.is_random:
+        if recurrence.mean_recurrence is not None:
+            raise ConfigError("--mean-recurrence is set but --recurrence-sampling is 'fixed' (every forward runs "
+                              "the layout's K): add --recurrence-sampling poisson-lognormal or drop it")
+    elif recurrence.mean_recurrence is None or not recurrence.mean_recurrence > 0:
+        raise ConfigError(f"--recurrence-sampling {recurrence.sampling} needs --mean-recurrence R > 0 (got "
+                          f"{recurrence.mean_recurrence}; Huginn's rate mean, E[iterations] = R + 1)")
+    if (recurrence.is_random or recurrence.backprop_depth is not None) and not model.parsed_layout.is_looped:
+        raise ConfigError(f"--recurrence-sampling/--backprop-depth need a looped model; variant "
+                          f"{model.variant!r} with layout {model.layout!r} has no loop")
+    if recurrence.is_random:
+        if not model.core_shared:
+            raise ConfigError(f"--recurrence-sampling {recurrence.sampling} needs a shared core: variant "
+                              f"{model.variant!r} has K distinct blocks (use 'mesh' or an additive variant)")
+        if model.variant == "learned":
+            raise ConfigError("--recurrence-sampling poisson-lognormal cannot run variant 'learned': it learns "
+                              "scalars for exactly K steps; use an additive variant or mesh with "
+                              "--mesh-routers shared")
+        if model.is_mesh and getattr(model, "mesh_routers", "per-step") != "shared":
+            raise ConfigError("--recurrence-sampling poisson-lognormal with variant 'mesh' needs --mesh-routers "
+                              "shared: the paper's per-step routers exist for exactly K + 1 steps")
+
+
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1

@@ -2,7 +2,7 @@
 
     h_pre = prelude(h_emb)
     h0, carry = start(h_emb, h_pre)            # MeSH: transitional write/read
-    for t in 0..K-1:
+    for t in 0..n-1:                            # n = K, or drawn per micro-batch (model/recurrence.py)
         y = core(h_t)                           # the same weights every iteration
         h_{t+1}, carry = step(t, h_t, y, carry)
     out = coda(h_K)
@@ -38,7 +38,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mesh_megatron.config import ModelConfig
+from mesh_megatron.config import ModelConfig, RecurrenceConfig
+from mesh_megatron.model.recurrence import RecurrenceKey, loop_plan
 from mesh_megatron.model.state_passing import build_state_passing
 
 # Observer of block states for diagnostics: called with (name, state [s, b, h]).
@@ -48,13 +49,16 @@ StateObserver = Callable[[str, Tensor], None]
 class RecursiveBlock(MegatronModule):
     def __init__(self, config: ModelConfig, tf_config: TransformerConfig, layer_spec: ModuleSpec,
                  prelude: Optional[list[int]] = None, has_core: bool = True,
-                 coda: Optional[list[int]] = None, recompute: str = "none"):
+                 coda: Optional[list[int]] = None, recompute: str = "none",
+                 recurrence: Optional[RecurrenceConfig] = None):
         """`prelude`/`coda`: the global layer indices this stage holds (default: all);
         `has_core`: whether the looped core (and its state passing) lives here;
-        `recompute`: none / loop / layer (module docstring)."""
+        `recompute`: none / loop / layer (module docstring);
+        `recurrence`: iterations per training forward (model/recurrence.py; None: K)."""
         super().__init__(config=tf_config)
         self.model_config = config
         self.recompute = recompute
+        self.recurrence = recurrence
         self.recomputed = 0  # forwards rerun in backward under recompute (the trainer reports it)
         layout = config.parsed_layout
         self.loops = layout.loops
@@ -92,6 +96,11 @@ class RecursiveBlock(MegatronModule):
         layers = list(layers)
         if self.recompute == "none" or not self.training or not layers or not torch.is_grad_enabled():
             return self._layers(layers, h, rotary_pos_emb, attention_mask)
+        if not h.requires_grad:
+            # The state after a no_grad prefix (truncated backprop): megatron's checkpoint is an
+            # autograd.Function, whose output needs an input that requires grad, or the
+            # weights inside get no gradient.
+            h = h.detach().requires_grad_()
         if self.recompute == "layer" or not self.core_layers:  # vanilla has no loop: per layer
             for layer in layers:
                 h = tensor_parallel.checkpoint(self._counted(layer), False, h, rotary_pos_emb, attention_mask)
@@ -110,7 +119,8 @@ class RecursiveBlock(MegatronModule):
         return counted
 
     def forward(self, hidden: Tensor, h_emb: Optional[Tensor], rotary_pos_emb: Tensor,
-                attention_mask: Optional[Tensor] = None, observe: Optional[StateObserver] = None) -> Tensor:
+                attention_mask: Optional[Tensor] = None, observe: Optional[StateObserver] = None,
+                recurrence_key: Optional[RecurrenceKey] = None) -> Tensor:
         # hidden: [s, b, h] entering this stage (on the first stage: h_emb itself);
         # h_emb: the scaled embeddings, needed where the core reads them (else may be None).
         h = self._run(self.prelude.values(), hidden, rotary_pos_emb, attention_mask)
@@ -120,9 +130,11 @@ class RecursiveBlock(MegatronModule):
             h, carry = self.state_passing.start(h_emb, h)
             if observe:
                 observe("h0", h)
-            for t in range(self.loops):
-                y = self._run(self.core_block(t), h, rotary_pos_emb, attention_mask)
-                h, carry = self.state_passing.step(t, h, y, carry)
+            plan = loop_plan(self.recurrence, self.loops, recurrence_key, self.training)
+            for t in range(plan.iterations):
+                with plan.grad(t):  # the first plan.no_grad iterations: no_grad (truncated backprop)
+                    y = self._run(self.core_block(t), h, rotary_pos_emb, attention_mask)
+                    h, carry = self.state_passing.step(t, h, y, carry)
                 if observe:
                     observe(f"h{t + 1}", h)
         return self._run(self.coda.values(), h, rotary_pos_emb, attention_mask)

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from mesh_megatron.config import (ATTENTION_BACKENDS, MESH_ROUTER_INITS, MESH_ROUTER_MARGIN, PRESETS, RECOMPUTE,
-                                  VARIANTS, ConfigError, DataConfig,
+                                  RECURRENCE_SAMPLINGS, VARIANTS, ConfigError, DataConfig, RecurrenceConfig,
+                                  validate_recurrence,
                                   ExecutionConfig, LoggingConfig, ModelConfig,
                                   ParallelConfig, TrainingConfig, validate, validate_training)
 from mesh_megatron.parallel.initialize import DEFAULT_TIMEOUT_MINUTES
@@ -91,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recompute", choices=list(RECOMPUTE), default="none",
                    help="activation recomputation: none, loop (each core iteration and prelude/coda as "
                         "blocks; keeps only the states between iterations), layer (every layer)")
+    t.add_argument("--recurrence-sampling", choices=list(RECURRENCE_SAMPLINGS), default="fixed",
+                   help="loop iterations per training forward: fixed (the layout's K) or poisson-lognormal "
+                        "(Huginn: n = Poisson(LogNormal(log R - 0.125, 0.5)) + 1 per micro-batch, drawn from "
+                        "(seed, iteration, micro-batch)); evaluation and the export run K")
+    t.add_argument("--mean-recurrence", type=float, default=None,
+                   help="poisson-lognormal: R, the mean of the Poisson rate (E[iterations] = R + 1, Huginn's "
+                        "mean_recurrence)")
+    t.add_argument("--backprop-depth", type=int, default=None,
+                   help="backpropagate through only the last k loop iterations (the first max(n - k, 0) run "
+                        "under no_grad; Huginn's mean_backprop_depth); default: all")
     t.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader worker processes reading batches ahead (default 2 on GPU, 0 on CPU)")
     t.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
@@ -297,6 +308,9 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         check_model_config(args.load, tag, model)
         check_parallel_layout(args.load, tag, parallel)
     execution = ExecutionConfig(attention_backend=args.attention_backend, recompute=args.recompute)
+    recurrence = RecurrenceConfig(sampling=args.recurrence_sampling, mean_recurrence=args.mean_recurrence,
+                                  backprop_depth=args.backprop_depth, seed=args.seed)
+    validate_recurrence(model, recurrence)
     from mesh_megatron.model.attention import resolve_attention_backend
 
     resolve_attention_backend(execution.attention_backend)  # te without Transformer Engine: refused here
@@ -310,7 +324,7 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
                      ds_config=ds, ds_config_path=args.ds_config,
                      recipe=recipe.resolved(build_parser(), args, model, micro, global_, precision),
                      overwrite_save=args.overwrite_save, exit_duration_in_mins=args.exit_duration_in_mins,
-                     execution=execution, num_workers=num_workers,
+                     execution=execution, recurrence=recurrence, num_workers=num_workers,
                      distributed_timeout_minutes=args.distributed_timeout_minutes,
                      preempt_grace_seconds=args.preempt_grace_seconds)
 
