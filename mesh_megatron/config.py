@@ -43,6 +43,7 @@ ADDITIVE_SUPPLEMENTS: dict[str, tuple[str, ...]] = {
 }
 MESH_VARIANTS = ("mesh", "vanilla+mesh")
 MESH_ROUTER_INITS = ("paper", "base")
+MESH_ROUTERS = ("per-step", "shared")
 MESH_ROUTER_MARGIN = 4.0  # "base" init: target slot weight e^4 / (e^4 + B - 1), 0.93 at B = 5
 # `learned`: h_{t+1} = a1 * core(h_t) + a2 * h0 + a3 * h_emb, (a1, a2, a3) learned per loop step.
 VARIANTS = ("vanilla", *ADDITIVE_SUPPLEMENTS, "learned", *MESH_VARIANTS)
@@ -116,6 +117,12 @@ class ModelConfig:
     # recursion). The margin is "base"'s only; None -> MESH_ROUTER_MARGIN.
     mesh_router_init: str = "paper"
     mesh_router_margin: Optional[float] = None
+    # MeSH routers (docs/MESH_METHOD.md section 7): "per-step" (the paper: one write/read pair per
+    # step, K + 1 pairs, fixed depth) or "shared" (one pair for the transitional step, one shared by
+    # every loop iteration: any depth); mesh_step_embedding adds a learned step vector to the
+    # shared routers' input.
+    mesh_routers: str = "per-step"
+    mesh_step_embedding: bool = False
     vocab_size: int = 4096  # tokenizer vocabulary; padded below
     make_vocab_size_divisible_by: int = 128
     seq_length: int = 128  # longest sequence the model is trained on
@@ -277,7 +284,7 @@ def validate_recurrence(model: "ModelConfig", recurrence: RecurrenceConfig) -> N
             raise ConfigError("--recurrence-sampling poisson-lognormal cannot run variant 'learned': it learns "
                               "scalars for exactly K steps; use an additive variant or mesh with "
                               "--mesh-routers shared")
-        if model.is_mesh and getattr(model, "mesh_routers", "per-step") != "shared":
+        if model.is_mesh and model.mesh_routers != "shared":
             raise ConfigError("--recurrence-sampling poisson-lognormal with variant 'mesh' needs --mesh-routers "
                               "shared: the paper's per-step routers exist for exactly K + 1 steps")
 
@@ -312,6 +319,20 @@ def _validate_router_init(model: ModelConfig, layout: Layout) -> None:
     if model.mesh_router_margin is not None and model.mesh_router_init != "base":
         raise ConfigError("mesh_router_margin is set but mesh_router_init is 'paper' (bias 0): the margin is "
                           "the 'base' init's; add mesh_router_init: base or drop the margin")
+    if model.mesh_routers not in MESH_ROUTERS:
+        raise ConfigError(f"mesh_routers {model.mesh_routers!r} is unknown: choose one of {', '.join(MESH_ROUTERS)}")
+    if not model.is_mesh and (model.mesh_routers != "per-step" or model.mesh_step_embedding):
+        raise ConfigError(f"mesh_routers/mesh_step_embedding are set but variant {model.variant!r} has no MeSH "
+                          "routers: drop them or use variant 'mesh'")
+    if model.mesh_routers == "shared" and model.variant != "mesh":
+        raise ConfigError("mesh_routers 'shared' needs variant 'mesh' (a shared core): 'vanilla+mesh' has K "
+                          "distinct blocks, a fixed depth")
+    if model.mesh_step_embedding and model.mesh_routers != "shared":
+        raise ConfigError("mesh_step_embedding conditions the shared routers on the step: add mesh_routers: shared "
+                          "(--mesh-routers shared); the per-step routers already differ per step")
+    if model.mesh_router_init == "base" and model.mesh_routers == "shared":
+        raise ConfigError("mesh_router_init 'base' gives each step's own router a fresh slot, which shared "
+                          "routers do not have: use mesh_router_init 'paper' with mesh_routers 'shared'")
     if model.mesh_router_init == "base":
         if not model.router_margin > 0:
             raise ConfigError(f"mesh_router_margin={model.router_margin} must be positive (the bias on each "

@@ -21,7 +21,7 @@ from torch import nn
 from mesh_megatron.config import ModelConfig
 
 EMBEDDING_PREFIXES = ("embedding.", "output_layer.")
-ROUTER_MARKERS = (".write_routers.", ".read_routers.")
+ROUTER_MARKERS = (".write_routers.", ".read_routers.", ".step_embedding")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class ParameterCounts:
     total: int
     embedding: int  # input embedding + output layer (untied)
     non_embedding: int  # all layers, routers and the final LayerNorm
-    router: int  # MeSH write + read routers
+    router: int  # MeSH write + read routers (and the shared routers' step embedding)
 
     @classmethod
     def of(cls, model: nn.Module) -> "ParameterCounts":

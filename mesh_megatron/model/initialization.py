@@ -11,6 +11,7 @@ Rules (docs/MESH_METHOD.md section 1, GPT-NeoX small init):
   * biases 0; LayerNorm weight 1, bias 0;
   * MeSH routers: truncated normal, std sqrt(2 / (B * h)), at 3 std; bias 0, or with
     `mesh_router_init: base` +margin on each step's own slot (state_passing.router_bias);
+  * shared MeSH routers' step embedding: 0 (the routers start step-agnostic);
   * learned state scalars: `learned_scalar_init`.
 """
 
@@ -38,6 +39,8 @@ def _full_shape(p: torch.Tensor, tp_size: int) -> list[int]:
 def _draw(name: str, shape: list[int], config: ModelConfig, gen: torch.Generator) -> torch.Tensor:
     if name.endswith("state_passing.scalars"):
         return torch.tensor(config.learned_scalar_init).expand(shape).clone()
+    if name.endswith("state_passing.step_embedding"):  # shared MeSH routers' step vectors: start at 0
+        return torch.zeros(shape)
     if "_routers." in name:
         if name.endswith(".bias"):  # ...state_passing.{write,read}_routers.{step}.bias
             return router_bias(shape[0], int(name.split(".")[-2]), config.router_margin)

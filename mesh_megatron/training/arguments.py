@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from mesh_megatron.config import (ATTENTION_BACKENDS, MESH_ROUTER_INITS, MESH_ROUTER_MARGIN, PRESETS, RECOMPUTE,
+from mesh_megatron.config import (ATTENTION_BACKENDS, MESH_ROUTER_INITS, MESH_ROUTERS, MESH_ROUTER_MARGIN, PRESETS, RECOMPUTE,
                                   RECURRENCE_SAMPLINGS, VARIANTS, ConfigError, DataConfig, RecurrenceConfig,
                                   validate_recurrence,
                                   ExecutionConfig, LoggingConfig, ModelConfig,
@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(+margin on a fresh slot per step: MeSH starts as the base recursion)")
     m.add_argument("--mesh-router-margin", type=float, default=None,
                    help=f"--mesh-router-init base: the bias on each step's own slot (default {MESH_ROUTER_MARGIN})")
+    m.add_argument("--mesh-routers", choices=list(MESH_ROUTERS), default=None,
+                   help="MeSH routers: per-step (the paper's K + 1 pairs; the default) or shared (one pair for "
+                        "the transitional step, one for every loop iteration: runs at any depth, needed by "
+                        "--recurrence-sampling poisson-lognormal)")
+    m.add_argument("--mesh-step-embedding", action="store_true", default=None,
+                   help="--mesh-routers shared: add a learned step embedding to the shared routers' input")
     m.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
     m.add_argument("--hidden-dropout", type=float, default=0.0,
                    help="dropout on the embeddings and on the output of each attention and MLP branch "
