@@ -250,6 +250,8 @@ def _mesh_model_config(hf_dir: str, rows: int, seq_length: Optional[int], tp: in
         mesh_slots=hf.mesh_slots if hf.state_passing in ("mesh", "vanilla+mesh") else None,
         mesh_router_init=getattr(hf, "mesh_router_init", "paper"),
         mesh_router_margin=getattr(hf, "mesh_router_margin", None),
+        mesh_routers=getattr(hf, "mesh_routers", "per-step"),
+        mesh_step_embedding=getattr(hf, "mesh_step_embedding", False),
         vocab_size=rows, make_vocab_size_divisible_by=vocab_divisor(rows, tp),
         seq_length=seq_length or hf.max_position_embeddings,
         scale_embeddings=bool(scale), layernorm_epsilon=hf.layer_norm_eps,

@@ -51,6 +51,9 @@ class MeshGPTNeoXConfig(PretrainedConfig):
         mesh_router_init, mesh_router_margin: how training initialised the MeSH router biases ("paper": 0;
             "base": +margin on each step's own slot). A record of the run only: the trained weights are
             loaded, and this model's own forward does not read them.
+        mesh_routers: "per-step" (the paper: K + 1 router pairs, depth fixed at K) or "shared" (pair 0 for the
+            transitional step, pair 1 for every loop iteration: runs at any `num_loops`); mesh_step_embedding: the
+            shared routers read h_t + step_embedding[min(t, B - 1)].
         embedding_multiplier: the input embeddings are multiplied by it, sqrt(hidden_size) when the paper's
             embedding scaling is on, 1.0 when off.
         num_hidden_layers: number of UNIQUE layers (weights under gpt_neox.layers.*): P + C + Q if core_shared
@@ -89,6 +92,8 @@ class MeshGPTNeoXConfig(PretrainedConfig):
     mesh_slots: int | None = None
     mesh_router_init: str = "paper"
     mesh_router_margin: float | None = None
+    mesh_routers: str = "per-step"
+    mesh_step_embedding: bool = False
     embedding_multiplier: float | int = 1.0
     num_hidden_layers: int | None = None
 
@@ -103,6 +108,13 @@ class MeshGPTNeoXConfig(PretrainedConfig):
     def num_unique_layers(self) -> int:
         core = self.num_core_layers if self.core_shared else self.num_core_layers * self.num_loops
         return self.num_prelude_layers + core + self.num_coda_layers
+
+    @property
+    def fixed_depth(self) -> bool:
+        """Whether some weights exist per loop step (per-step MeSH routers, `learned` scalars, vanilla+mesh's
+        distinct blocks): then a forward runs at most num_loops iterations."""
+        return not self.core_shared or self.state_passing == "learned" or (
+            self.state_passing == "mesh" and self.mesh_routers == "per-step")
 
     @property
     def num_layer_applications(self) -> int:
@@ -124,6 +136,10 @@ class MeshGPTNeoXConfig(PretrainedConfig):
             raise ValueError("need num_prelude_layers, num_coda_layers >= 0 and num_core_layers, num_loops >= 1")
         if self.state_passing in MESH_VARIANTS and self.mesh_slots < 2:
             raise ValueError(f"mesh_slots must be >= 2 (slot 0 holds h_emb), got {self.mesh_slots}")
+        if self.mesh_routers not in ("per-step", "shared"):
+            raise ValueError(f"mesh_routers {self.mesh_routers!r} not in ('per-step', 'shared')")
+        if self.mesh_routers == "shared" and self.state_passing != "mesh":
+            raise ValueError("mesh_routers='shared' needs state_passing='mesh'")
         if self.num_hidden_layers != self.num_unique_layers:
             raise ValueError(
                 f"num_hidden_layers {self.num_hidden_layers} != unique layers {self.num_unique_layers} "
