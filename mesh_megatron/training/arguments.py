@@ -254,6 +254,9 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         raise ConfigError(f"--tensor-model-parallel-size {parallel.tensor_model_parallel_size} is larger "
                           f"than the world size {world}: launch at least that many ranks or lower it")
     model = _model_config(args)
+    recurrence = RecurrenceConfig(sampling=args.recurrence_sampling, mean_recurrence=args.mean_recurrence,
+                                  backprop_depth=args.backprop_depth, seed=args.seed)
+    validate_recurrence(model, recurrence)  # before --print-config: tools/ablate.py checks arms with it
     if args.print_config:
         raise SystemExit(recipe.print_config(build_parser(), args, model, parallel, world))
     model, data = _fitted_model(args, model, parallel, world)
@@ -314,9 +317,6 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         check_model_config(args.load, tag, model)
         check_parallel_layout(args.load, tag, parallel)
     execution = ExecutionConfig(attention_backend=args.attention_backend, recompute=args.recompute)
-    recurrence = RecurrenceConfig(sampling=args.recurrence_sampling, mean_recurrence=args.mean_recurrence,
-                                  backprop_depth=args.backprop_depth, seed=args.seed)
-    validate_recurrence(model, recurrence)
     from mesh_megatron.model.attention import resolve_attention_backend
 
     resolve_attention_backend(execution.attention_backend)  # te without Transformer Engine: refused here

@@ -571,3 +571,35 @@ def test_export_with_a_tokenizer_json(megatron_single, tmp_path):
     assert tok.eos_token == "</s>" and tok.eos_token_id == 2
     assert tok("Hello world")["input_ids"] == fast.encode("Hello world", add_special_tokens=False).ids
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 2
+
+
+def test_depth_sweep_writes_its_table_and_plot(megatron_single, tmp_path, capsys):
+    """tools/eval_lm.py --num-loops 1,2,4 on a tiny base export: one perplexity per depth (the
+    trained K's equals the plain perplexity), the table printed, the plot and JSON written."""
+    import sys
+
+    from mesh_megatron.data.embedded import embedded_prefix, prepare_embedded_dataset
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import eval_lm
+
+    cfg = tiny("base")
+    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
+    cache = str(tmp_path / "cache")
+    prepare_embedded_dataset(cache)
+    common = ["--model-dir", str(tmp_path / "hf"), "--perplexity-data", embedded_prefix(cache),
+              "--perplexity-samples", "4", "--perplexity-batch-size", "4", "--data-cache-dir", cache]
+    out = tmp_path / "sweep.json"
+    assert eval_lm.main(common + ["--num-loops", "1,2,4", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| num_loops | loss | perplexity |" in printed and "depth sweep (trained K = 2)" in printed
+    result = json.loads(out.read_text())["perplexity"]
+    assert [d["num_loops"] for d in result["depths"]] == [1, 2, 4]
+    assert result["depths"][1]["loss"] == result["loss"]
+    assert len({d["loss"] for d in result["depths"]}) == 3
+    assert (tmp_path / "sweep_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert eval_lm.main(common + ["--num-loops", "1,x"]) == 2
+    assert "pass comma-separated integers" in capsys.readouterr().err
+    assert eval_lm.main(common + ["--num-loops", "1,2"]) == 2
+    assert "writes a plot: pass --plot" in capsys.readouterr().err

@@ -313,3 +313,20 @@ def test_model_summary_per_mean_recurrence(megatron_single, capsys):
     assert "at mean recurrence R=3 (E[n] 4.00" in capsys.readouterr().out
     assert model_summary.main(["--variant", "mesh", "--mean-recurrence", "2"]) == 2
     assert "needs --mesh-routers shared" in capsys.readouterr().err
+
+
+def test_flags_are_checked_before_print_config_and_recorded_in_the_recipe(capsys):
+    """tools/ablate.py checks each --arm with --print-config: a recurrence the model cannot run is
+    refused there; an accepted one is a `training` key of the recipe (so --load resumes it)."""
+    from mesh_megatron.training import arguments
+
+    flags = ["--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "1", "--backprop-depth", "2"]
+    with pytest.raises(ConfigError, match="needs --mesh-routers shared"):
+        arguments.parse(flags + ["--print-config"], world_size=1)
+    with pytest.raises(SystemExit) as stop:
+        arguments.parse(flags + ["--mesh-routers", "shared", "--mesh-step-embedding", "--print-config"], world_size=1)
+    assert stop.value.code in (0, None)
+    printed = capsys.readouterr().out
+    for line in ("recurrence_sampling: poisson-lognormal", "mean_recurrence: 1.0", "backprop_depth: 2",
+                 "mesh_routers: shared", "mesh_step_embedding: true"):
+        assert line in printed, line
