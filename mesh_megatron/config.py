@@ -44,6 +44,8 @@ ADDITIVE_SUPPLEMENTS: dict[str, tuple[str, ...]] = {
 MESH_VARIANTS = ("mesh", "vanilla+mesh")
 MESH_ROUTER_INITS = ("paper", "base")
 MESH_ROUTERS = ("per-step", "shared")
+INPUT_INJECTIONS = ("none", "add", "concat-adapter")
+STATE_INITS = ("prelude", "noise")
 MESH_ROUTER_MARGIN = 4.0  # "base" init: target slot weight e^4 / (e^4 + B - 1), 0.93 at B = 5
 # `learned`: h_{t+1} = a1 * core(h_t) + a2 * h0 + a3 * h_emb, (a1, a2, a3) learned per loop step.
 VARIANTS = ("vanilla", *ADDITIVE_SUPPLEMENTS, "learned", *MESH_VARIANTS)
@@ -123,6 +125,11 @@ class ModelConfig:
     # shared routers' input.
     mesh_routers: str = "per-step"
     mesh_step_embedding: bool = False
+    # Loop input (model/injection.py; Huginn): what the core reads besides the state ("none", "add"
+    # h_t + e, "concat-adapter" Linear(2h -> h) of [h_t; e], e = the prelude's output) and where the
+    # state starts ("prelude": e; "noise": truncated normal in training, zeros in eval).
+    input_injection: str = "none"
+    state_init: str = "prelude"
     vocab_size: int = 4096  # tokenizer vocabulary; padded below
     make_vocab_size_divisible_by: int = 128
     seq_length: int = 128  # longest sequence the model is trained on
@@ -344,6 +351,26 @@ def _validate_router_init(model: ModelConfig, layout: Layout) -> None:
                 "raise mesh_slots or use mesh_router_init 'paper'")
 
 
+def _validate_injection(model: ModelConfig, layout: Layout) -> None:
+    if model.input_injection not in INPUT_INJECTIONS:
+        raise ConfigError(f"input_injection {model.input_injection!r} is unknown: choose one of "
+                          f"{', '.join(INPUT_INJECTIONS)}")
+    if model.state_init not in STATE_INITS:
+        raise ConfigError(f"state_init {model.state_init!r} is unknown: choose one of {', '.join(STATE_INITS)}")
+    if model.input_injection == "none" and model.state_init == "prelude":
+        return
+    if not model.core_shared:
+        raise ConfigError(f"--input-injection/--state-init shape a shared loop; variant {model.variant!r} has none "
+                          "(vanilla, vanilla+mesh): drop them or use a looped variant")
+    if model.state_init == "noise":
+        if model.is_mesh:
+            raise ConfigError("--state-init noise with variant 'mesh': MeSH's transitional step defines the state "
+                              "entering the loop; use --state-init prelude")
+        if model.input_injection == "none":
+            raise ConfigError("--state-init noise needs --input-injection add or concat-adapter: otherwise the "
+                              "prelude's output never reaches the loop")
+
+
 def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
              world_size: Optional[int] = None) -> None:
     """Raise ConfigError naming the first bad field and how to fix it."""
@@ -389,6 +416,7 @@ def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
                 "(slot 0 holds the embeddings); the paper's default is K + 3"
             )
     _validate_router_init(model, layout)
+    _validate_injection(model, layout)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(model, name) < 1.0:
             raise ConfigError(f"{name}={getattr(model, name)} must be in [0, 1) (--{name.replace('_', '-')}: "

@@ -252,6 +252,8 @@ def _mesh_model_config(hf_dir: str, rows: int, seq_length: Optional[int], tp: in
         mesh_router_margin=getattr(hf, "mesh_router_margin", None),
         mesh_routers=getattr(hf, "mesh_routers", "per-step"),
         mesh_step_embedding=getattr(hf, "mesh_step_embedding", False),
+        input_injection=getattr(hf, "input_injection", "none"),
+        state_init=getattr(hf, "state_init", "prelude"),
         vocab_size=rows, make_vocab_size_divisible_by=vocab_divisor(rows, tp),
         seq_length=seq_length or hf.max_position_embeddings,
         scale_embeddings=bool(scale), layernorm_epsilon=hf.layer_norm_eps,

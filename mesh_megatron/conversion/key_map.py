@@ -59,6 +59,7 @@ _TOP_LEVEL: tuple[tuple[str, str], ...] = (
     ("output_layer.weight", "embed_out.weight"),
     ("block.state_passing.scalars", "gpt_neox.state_scalars"),
     ("block.state_passing.step_embedding", "gpt_neox.mesh.step_embedding"),  # shared MeSH routers
+    ("block.injection.adapter.weight", "gpt_neox.injection_adapter.weight"),  # --input-injection concat-adapter
 )
 _TRAIN_LAYER_RE = re.compile(r"^block\.(prelude|core|coda)\.(\d+)\.(.+)$")
 _TRAIN_ROUTER_RE = re.compile(r"^block\.state_passing\.(write_routers|read_routers)\.(\d+)\.(weight|bias)$")
@@ -224,6 +225,8 @@ def hf_config(config: ModelConfig, vocab_rows: int, *, bos_token_id: Optional[in
         mesh_router_margin=config.mesh_router_margin,
         mesh_routers=config.mesh_routers,
         mesh_step_embedding=config.mesh_step_embedding,
+        input_injection=config.input_injection,
+        state_init=config.state_init,
         embedding_multiplier=config.embedding_multiplier,
     )
 

@@ -54,6 +54,10 @@ class MeshGPTNeoXConfig(PretrainedConfig):
         mesh_routers: "per-step" (the paper: K + 1 router pairs, depth fixed at K) or "shared" (pair 0 for the
             transitional step, pair 1 for every loop iteration: runs at any `num_loops`); mesh_step_embedding: the
             shared routers read h_t + step_embedding[min(t, B - 1)].
+        input_injection: what the core reads besides the state h_t, with e = the prelude's output: "none", "add"
+            (h_t + e) or "concat-adapter" (gpt_neox.injection_adapter([h_t; e]), Linear(2h -> h) without bias).
+        state_init: "prelude" (the loop starts from e, or MeSH's transitional read) or "noise" (training drew a
+            truncated-normal start; this model starts from its mean, zeros, as training's evaluation does).
         embedding_multiplier: the input embeddings are multiplied by it, sqrt(hidden_size) when the paper's
             embedding scaling is on, 1.0 when off.
         num_hidden_layers: number of UNIQUE layers (weights under gpt_neox.layers.*): P + C + Q if core_shared
@@ -94,6 +98,8 @@ class MeshGPTNeoXConfig(PretrainedConfig):
     mesh_router_margin: float | None = None
     mesh_routers: str = "per-step"
     mesh_step_embedding: bool = False
+    input_injection: str = "none"
+    state_init: str = "prelude"
     embedding_multiplier: float | int = 1.0
     num_hidden_layers: int | None = None
 

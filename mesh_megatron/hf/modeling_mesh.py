@@ -252,6 +252,9 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
         # learned variant: (a1, a2, a3) per loop step, h_{t+1} = a1*core(h_t) + a2*h0 + a3*h_emb
         learned = config.state_passing == "learned"
         self.state_scalars = nn.Parameter(torch.empty(config.num_loops, 3)) if learned else None
+        # input injection (configuration_mesh.py): the concat adapter over [h_t; e]
+        concat = getattr(config, "input_injection", "none") == "concat-adapter"
+        self.injection_adapter = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False) if concat else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -365,7 +368,15 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
             buffer, h0 = self.mesh.step(0, buffer, router_input=h_pre, new_state=h_pre)  # transitional step
         else:
             h0 = h_pre
+        if getattr(cfg, "state_init", "prelude") == "noise":
+            h0 = torch.zeros_like(h0)  # the mean of training's noise start (its evaluation's start)
         states = [h_emb, h_pre, h0]
+        injection = getattr(cfg, "input_injection", "none")
+
+        def core_input(h):  # what the core reads: the state, plus the prelude's output when injected
+            if injection == "add":
+                return h + h_pre
+            return self.injection_adapter(torch.cat([h, h_pre], dim=-1)) if injection == "concat-adapter" else h
 
         h = h0
         coda_first = P + C * slots
@@ -378,7 +389,7 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
                 states.append(h)
                 continue
             view is not None and view.freeze(exited)
-            y = run(self.core_block(t), h, P + (t % slots) * C)
+            y = run(self.core_block(t), core_input(h), P + (t % slots) * C)
             if self.mesh is not None:
                 buffer, h_next = self.mesh.step(t + 1, buffer, router_input=h, new_state=y)
             else:

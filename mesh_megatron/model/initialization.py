@@ -11,6 +11,7 @@ Rules (docs/MESH_METHOD.md section 1, GPT-NeoX small init):
   * biases 0; LayerNorm weight 1, bias 0;
   * MeSH routers: truncated normal, std sqrt(2 / (B * h)), at 3 std; bias 0, or with
     `mesh_router_init: base` +margin on each step's own slot (state_passing.router_bias);
+  * input injection's concat adapter: [I, I] (starts as `add`);
   * shared MeSH routers' step embedding: 0 (the routers start step-agnostic);
   * learned state scalars: `learned_scalar_init`.
 """
@@ -39,6 +40,8 @@ def _full_shape(p: torch.Tensor, tp_size: int) -> list[int]:
 def _draw(name: str, shape: list[int], config: ModelConfig, gen: torch.Generator) -> torch.Tensor:
     if name.endswith("state_passing.scalars"):
         return torch.tensor(config.learned_scalar_init).expand(shape).clone()
+    if name.endswith("injection.adapter.weight"):  # Linear(2h -> h) = [I, I]: starts as the `add` injection
+        return torch.cat([torch.eye(shape[0]), torch.eye(shape[0])], dim=1)
     if name.endswith("state_passing.step_embedding"):  # shared MeSH routers' step vectors: start at 0
         return torch.zeros(shape)
     if "_routers." in name:

@@ -39,6 +39,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mesh_megatron.config import ModelConfig, RecurrenceConfig
+from mesh_megatron.model.injection import build_injection
 from mesh_megatron.model.recurrence import RecurrenceKey, loop_plan
 from mesh_megatron.model.state_passing import build_state_passing
 
@@ -77,6 +78,7 @@ class RecursiveBlock(MegatronModule):
         coda_offset = layout.prelude + n_core
         self.coda = nn.ModuleDict({str(i): layer(coda_offset + i + 1) for i in coda})
         self.state_passing = build_state_passing(config) if has_core else None
+        self.injection = build_injection(config) if has_core and layout.is_looped else None  # model/injection.py
 
     def core_block(self, t: int) -> nn.ModuleList:
         """The layers applied in iteration t: the shared core, or block t when unshared."""
@@ -127,13 +129,17 @@ class RecursiveBlock(MegatronModule):
         if self.state_passing is not None:
             if observe:
                 observe("h_pre", h)
+            e = h
             h, carry = self.state_passing.start(h_emb, h)
+            if self.injection is not None:
+                h = self.injection.initial_state(h, self.training)
             if observe:
                 observe("h0", h)
             plan = loop_plan(self.recurrence, self.loops, recurrence_key, self.training)
             for t in range(plan.iterations):
                 with plan.grad(t):  # the first plan.no_grad iterations: no_grad (truncated backprop)
-                    y = self._run(self.core_block(t), h, rotary_pos_emb, attention_mask)
+                    x = h if self.injection is None else self.injection.core_input(h, e)
+                    y = self._run(self.core_block(t), x, rotary_pos_emb, attention_mask)
                     h, carry = self.state_passing.step(t, h, y, carry)
                 if observe:
                     observe(f"h{t + 1}", h)

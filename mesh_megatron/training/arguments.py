@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from mesh_megatron.config import (ATTENTION_BACKENDS, MESH_ROUTER_INITS, MESH_ROUTERS, MESH_ROUTER_MARGIN, PRESETS, RECOMPUTE,
+from mesh_megatron.config import (ATTENTION_BACKENDS, INPUT_INJECTIONS, MESH_ROUTER_INITS, MESH_ROUTERS, STATE_INITS, MESH_ROUTER_MARGIN, PRESETS, RECOMPUTE,
                                   RECURRENCE_SAMPLINGS, VARIANTS, ConfigError, DataConfig, RecurrenceConfig,
                                   validate_recurrence,
                                   ExecutionConfig, LoggingConfig, ModelConfig,
@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--recurrence-sampling poisson-lognormal)")
     m.add_argument("--mesh-step-embedding", action="store_true", default=None,
                    help="--mesh-routers shared: add a learned step embedding to the shared routers' input")
+    m.add_argument("--input-injection", choices=list(INPUT_INJECTIONS), default=None,
+                   help="what the looped core reads besides the state: none (the default), add (h_t + e) or "
+                        "concat-adapter (Huginn: Linear(2h -> h) of [h_t; e]); e = the prelude's output")
+    m.add_argument("--state-init", choices=list(STATE_INITS), default=None,
+                   help="the loop's initial state: prelude (its output; the default) or noise (Huginn: truncated "
+                        "normal in training, zeros in eval; needs --input-injection)")
     m.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
     m.add_argument("--hidden-dropout", type=float, default=0.0,
                    help="dropout on the embeddings and on the output of each attention and MLP branch "

@@ -36,7 +36,7 @@ NOT_RECIPE = {"help", "config", "load", "print_config", "local_rank", "deepspeed
               "preempt_grace_seconds"}
 # Model flags that are also ModelConfig fields (mesh_slots, dropout, ...) go through the flags.
 FIELD_FLAGS = ("mesh_slots", "mesh_router_init", "mesh_router_margin", "mesh_routers", "mesh_step_embedding",
-               "seq_length", "hidden_dropout", "attention_dropout")
+               "input_injection", "state_init", "seq_length", "hidden_dropout", "attention_dropout")
 MODEL_FLAGS = ("preset", "variant", "layout", *FIELD_FLAGS)
 PRECISIONS = ("fp32", "bf16", "fp16")
 

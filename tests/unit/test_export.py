@@ -299,9 +299,11 @@ def test_round_trip_export_import_export_is_identical(megatron_single, tmp_path)
     the imported checkpoint's ModelConfig (the exported forward does not read it)."""
     rinit = dict(mesh_router_init="base", mesh_router_margin=6.0)
     shared = dict(mesh_routers="shared", mesh_step_embedding=True)
-    for variant in ("mesh", "vanilla", "learned", "mesh-rinit", "mesh-shared"):
+    inject = dict(input_injection="concat-adapter", state_init="noise")
+    for variant in ("mesh", "vanilla", "learned", "mesh-rinit", "mesh-shared", "base-inject"):
         cfg = tiny("mesh", **rinit) if variant == "mesh-rinit" else \
-            tiny("mesh", **shared) if variant == "mesh-shared" else tiny(variant)
+            tiny("mesh", **shared) if variant == "mesh-shared" else \
+            tiny("base", **inject) if variant == "base-inject" else tiny(variant)
         save_like_training(tmp_path / variant / "ckpt", cfg, random_model(cfg).state_dict())
         first, again = tmp_path / variant / "hf1", tmp_path / variant / "hf2"
         export_to_hf(str(tmp_path / variant / "ckpt"), str(first), progress=False)
