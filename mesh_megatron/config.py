@@ -43,6 +43,9 @@ ADDITIVE_SUPPLEMENTS: dict[str, tuple[str, ...]] = {
 }
 MESH_VARIANTS = ("mesh", "vanilla+mesh")
 MESH_ROUTER_INITS = ("paper", "base")
+MESH_ROUTERS = ("per-step", "shared")
+INPUT_INJECTIONS = ("none", "add", "concat-adapter")
+STATE_INITS = ("prelude", "noise")
 MESH_ROUTER_MARGIN = 4.0  # "base" init: target slot weight e^4 / (e^4 + B - 1), 0.93 at B = 5
 # `learned`: h_{t+1} = a1 * core(h_t) + a2 * h0 + a3 * h_emb, (a1, a2, a3) learned per loop step.
 VARIANTS = ("vanilla", *ADDITIVE_SUPPLEMENTS, "learned", *MESH_VARIANTS)
@@ -134,6 +137,17 @@ class ModelConfig:
     # recursion). The margin is "base"'s only; None -> MESH_ROUTER_MARGIN.
     mesh_router_init: str = "paper"
     mesh_router_margin: Optional[float] = None
+    # MeSH routers (docs/MESH_METHOD.md section 7a): "per-step" (the paper: one write/read pair per
+    # step, K + 1 pairs, fixed depth) or "shared" (one pair for the transitional step, one shared by
+    # every loop iteration: any depth); mesh_step_embedding adds a learned step vector to the
+    # shared routers' input.
+    mesh_routers: str = "per-step"
+    mesh_step_embedding: bool = False
+    # Loop input (model/injection.py; Huginn): what the core reads besides the state ("none", "add"
+    # h_t + e, "concat-adapter" Linear(2h -> h) of [h_t; e], e = the prelude's output) and where the
+    # state starts ("prelude": e; "noise": truncated normal in training, zeros in eval).
+    input_injection: str = "none"
+    state_init: str = "prelude"
     vocab_size: int = 4096  # tokenizer vocabulary; padded below
     make_vocab_size_divisible_by: int = 128
     seq_length: int = 128  # longest sequence the model is trained on
@@ -148,7 +162,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     # Initial (a1, a2, a3) of the `learned` variant; (1, 1, 0) starts it as `anchor`.
     learned_scalar_init: tuple[float, float, float] = (1.0, 1.0, 0.0)
-    # Relaxed sharing (docs/MESH_METHOD.md section 7): a rank-r LoRA per loop iteration on the
+    # Relaxed sharing (docs/MESH_METHOD.md section 8): a rank-r LoRA per loop iteration on the
     # core's `lora_targets`, scaled by lora_alpha / r (None -> alpha = r, scale 1); per-iteration
     # biases / LayerNorm affines. lora_rank "full" = min(hidden, ffn) with both relaxed.
     lora_rank: int = 0
@@ -274,6 +288,65 @@ class ExecutionConfig:
             raise ConfigError(f"recompute {self.recompute!r} is unknown: choose one of {', '.join(RECOMPUTE)}")
 
 
+RECURRENCE_SAMPLINGS = ("fixed", "poisson-lognormal")
+
+
+@dataclass
+class RecurrenceConfig:
+    """How many loop iterations a training forward runs, and how many of them backpropagate
+    (model/recurrence.py; docs/MESH_METHOD.md section 6; Huginn, arXiv 2502.05171).
+
+    Never part of a checkpoint's model config: evaluation and the export run the layout's K
+    (the export takes any `num_loops`), whatever training drew.
+    """
+
+    # fixed: K every forward (the layout's); poisson-lognormal: Huginn's
+    # n = Poisson(LogNormal(log R - sigma^2 / 2, sigma = 0.5)) + 1 per micro-batch.
+    sampling: str = "fixed"
+    mean_recurrence: Optional[float] = None  # R of poisson-lognormal (E[n] = R + 1)
+    backprop_depth: Optional[int] = None  # k: only the last min(n, k) iterations backpropagate; None: all
+    seed: int = 0  # the draws are a function of (seed, iteration, micro-batch): the run's --seed
+
+    @property
+    def is_random(self) -> bool:
+        return self.sampling != "fixed"
+
+
+def validate_recurrence(model: "ModelConfig", recurrence: RecurrenceConfig) -> None:
+    """Refuse a recurrence the model cannot run: one line naming the flag and the fix."""
+    if recurrence.sampling not in RECURRENCE_SAMPLINGS:
+        raise ConfigError(f"--recurrence-sampling {recurrence.sampling!r} is unknown: choose one of "
+                          f"{', '.join(RECURRENCE_SAMPLINGS)}")
+    if recurrence.backprop_depth is not None and recurrence.backprop_depth < 1:
+        raise ConfigError(f"--backprop-depth {recurrence.backprop_depth} must be >= 1 (the last k loop "
+                          "iterations backpropagate; leave it out to backpropagate through all)")
+    if not recurrence.is_random:
+        if recurrence.mean_recurrence is not None:
+            raise ConfigError("--mean-recurrence is set but --recurrence-sampling is 'fixed' (every forward runs "
+                              "the layout's K): add --recurrence-sampling poisson-lognormal or drop it")
+    elif recurrence.mean_recurrence is None or not recurrence.mean_recurrence > 0:
+        raise ConfigError(f"--recurrence-sampling {recurrence.sampling} needs --mean-recurrence R > 0 (got "
+                          f"{recurrence.mean_recurrence}; Huginn's rate mean, E[iterations] = R + 1)")
+    if (recurrence.is_random or recurrence.backprop_depth is not None) and not model.parsed_layout.is_looped:
+        raise ConfigError(f"--recurrence-sampling/--backprop-depth need a looped model; variant "
+                          f"{model.variant!r} with layout {model.layout!r} has no loop")
+    if recurrence.is_random:
+        if not model.core_shared:
+            raise ConfigError(f"--recurrence-sampling {recurrence.sampling} needs a shared core: variant "
+                              f"{model.variant!r} has K distinct blocks (use 'mesh' or an additive variant)")
+        if model.variant == "learned":
+            raise ConfigError("--recurrence-sampling poisson-lognormal cannot run variant 'learned': it learns "
+                              "scalars for exactly K steps; use an additive variant or mesh with "
+                              "--mesh-routers shared")
+        if model.lora_rank or model.relax_biases or model.relax_norms:
+            raise ConfigError(f"--recurrence-sampling {recurrence.sampling} with relaxed sharing (--lora-rank/"
+                              "--relax-biases/--relax-norms): the adapters exist for exactly K loop positions; "
+                              "drop one of them")
+        if model.is_mesh and model.mesh_routers != "shared":
+            raise ConfigError("--recurrence-sampling poisson-lognormal with variant 'mesh' needs --mesh-routers "
+                              "shared: the paper's per-step routers exist for exactly K + 1 steps")
+
+
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
@@ -304,6 +377,20 @@ def _validate_router_init(model: ModelConfig, layout: Layout) -> None:
     if model.mesh_router_margin is not None and model.mesh_router_init != "base":
         raise ConfigError("mesh_router_margin is set but mesh_router_init is 'paper' (bias 0): the margin is "
                           "the 'base' init's; add mesh_router_init: base or drop the margin")
+    if model.mesh_routers not in MESH_ROUTERS:
+        raise ConfigError(f"mesh_routers {model.mesh_routers!r} is unknown: choose one of {', '.join(MESH_ROUTERS)}")
+    if not model.is_mesh and (model.mesh_routers != "per-step" or model.mesh_step_embedding):
+        raise ConfigError(f"mesh_routers/mesh_step_embedding are set but variant {model.variant!r} has no MeSH "
+                          "routers: drop them or use variant 'mesh'")
+    if model.mesh_routers == "shared" and model.variant != "mesh":
+        raise ConfigError("mesh_routers 'shared' needs variant 'mesh' (a shared core): 'vanilla+mesh' has K "
+                          "distinct blocks, a fixed depth")
+    if model.mesh_step_embedding and model.mesh_routers != "shared":
+        raise ConfigError("mesh_step_embedding conditions the shared routers on the step: add mesh_routers: shared "
+                          "(--mesh-routers shared); the per-step routers already differ per step")
+    if model.mesh_router_init == "base" and model.mesh_routers == "shared":
+        raise ConfigError("mesh_router_init 'base' gives each step's own router a fresh slot, which shared "
+                          "routers do not have: use mesh_router_init 'paper' with mesh_routers 'shared'")
     if model.mesh_router_init == "base":
         if not model.router_margin > 0:
             raise ConfigError(f"mesh_router_margin={model.router_margin} must be positive (the bias on each "
@@ -335,6 +422,26 @@ def _validate_relaxation(model: ModelConfig) -> None:
     if model.lora_rank and not model.lora_target_names:
         raise ConfigError(f"lora_rank={model.lora_rank} but lora_targets is empty: name at least one of "
                           f"{', '.join(LORA_TARGETS)}")
+
+
+def _validate_injection(model: ModelConfig, layout: Layout) -> None:
+    if model.input_injection not in INPUT_INJECTIONS:
+        raise ConfigError(f"input_injection {model.input_injection!r} is unknown: choose one of "
+                          f"{', '.join(INPUT_INJECTIONS)}")
+    if model.state_init not in STATE_INITS:
+        raise ConfigError(f"state_init {model.state_init!r} is unknown: choose one of {', '.join(STATE_INITS)}")
+    if model.input_injection == "none" and model.state_init == "prelude":
+        return
+    if not model.core_shared:
+        raise ConfigError(f"--input-injection/--state-init shape a shared loop; variant {model.variant!r} has none "
+                          "(vanilla, vanilla+mesh): drop them or use a looped variant")
+    if model.state_init == "noise":
+        if model.is_mesh:
+            raise ConfigError("--state-init noise with variant 'mesh': MeSH's transitional step defines the state "
+                              "entering the loop; use --state-init prelude")
+        if model.input_injection == "none":
+            raise ConfigError("--state-init noise needs --input-injection add or concat-adapter: otherwise the "
+                              "prelude's output never reaches the loop")
 
 
 def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
@@ -383,6 +490,7 @@ def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
             )
     _validate_router_init(model, layout)
     _validate_relaxation(model)
+    _validate_injection(model, layout)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(model, name) < 1.0:
             raise ConfigError(f"{name}={getattr(model, name)} must be in [0, 1) (--{name.replace('_', '-')}: "

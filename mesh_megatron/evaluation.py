@@ -98,11 +98,14 @@ def _data_tokenizer(model_dir: str, tokenizer_type: Optional[str], tokenizer_fil
 def perplexity(model_dir: str, data_path: Sequence[str], *, split: str = "969,30,1", which: str = "valid",
                samples: int = 64, seq_length: Optional[int] = None, batch_size: int = 8, seed: int = 1234,
                tokenizer_type: Optional[str] = None, tokenizer_file: Optional[str] = None,
-               cache_dir: Optional[str] = None, dtype: str = "fp32", device: Optional[str] = None) -> dict[str, Any]:
+               cache_dir: Optional[str] = None, dtype: str = "fp32", device: Optional[str] = None,
+               num_loops: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """exp(mean token NLL) of the HF model over the first `samples` samples of one split.
 
     Samples are megatron-core GPTDataset samples (`build_gpt_datasets`, same seed and split
     as training), so the number is comparable with the training log's validation loss.
+    `num_loops` (a depth sweep): the model loaded once and run at each loop count N on the same
+    samples; the result then holds `depths`, one {num_loops, loss, perplexity} per N.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -133,19 +136,56 @@ def perplexity(model_dir: str, data_path: Sequence[str], *, split: str = "969,30
     device = device or default_device()
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True,
                                                  dtype=TORCH_DTYPES[dtype]).to(device).eval()
-    total_nll, total_tokens = 0.0, 0.0
-    for start in range(0, samples, batch_size):
-        indices = [i % len(dataset) for i in range(start, min(samples, start + batch_size))]
-        tokens, labels, mask = collate(dataset, indices)
-        logits = model(tokens.to(device), use_cache=False).logits.float()  # [b, s, vocab]
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.to(device).flatten(),
-                                                reduction="none")
-        mask = mask.to(device).flatten()
-        total_nll += float((nll * mask).sum())
-        total_tokens += float(mask.sum())
-    loss = total_nll / max(total_tokens, 1.0)
-    return {"split": which, "samples": samples, "seq_length": seq_length, "tokens": int(total_tokens),
-            "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if num_loops is not None and getattr(config, "model_type", None) != "mesh_gpt_neox":
+        raise ConfigError(f"--num-loops needs a looped export (mesh_gpt_neox); {model_dir} is "
+                          f"{getattr(config, 'model_type', '?')}, which has no loop")
+
+    def measure(extra: dict) -> tuple[float, float]:
+        total_nll, total_tokens = 0.0, 0.0
+        for start in range(0, samples, batch_size):
+            indices = [i % len(dataset) for i in range(start, min(samples, start + batch_size))]
+            tokens, labels, mask = collate(dataset, indices)
+            with torch.no_grad():
+                logits = model(tokens.to(device), use_cache=False, **extra).logits.float()  # [b, s, vocab]
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.to(device).flatten(),
+                                                    reduction="none")
+            mask = mask.to(device).flatten()
+            total_nll += float((nll * mask).sum())
+            total_tokens += float(mask.sum())
+        return total_nll / max(total_tokens, 1.0), total_tokens
+
+    try:
+        loss, total_tokens = measure({})
+        depths = [dict(zip(("num_loops", "loss"), (n, measure({"num_loops": n})[0]))) for n in num_loops or []]
+    except ValueError as e:  # a depth the model cannot run (weights per step): one line
+        raise ConfigError(f"--num-loops: {e}") from None
+    for d in depths:
+        d["perplexity"] = math.exp(min(d["loss"], 50.0))
+    out = {"split": which, "samples": samples, "seq_length": seq_length, "tokens": int(total_tokens),
+           "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if num_loops is not None:
+        out["trained_num_loops"] = config.num_loops
+        out["depths"] = depths
+    return out
+
+
+def plot_depth_sweep(result: dict[str, Any], path: str, title: str = "") -> str:
+    """Perplexity against inference depth (num_loops), the trained K marked; written atomically."""
+    from matplotlib.figure import Figure
+
+    from mesh_megatron.analysis.plots import _save
+
+    depths = result["depths"]
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    ax.plot([d["num_loops"] for d in depths], [d["perplexity"] for d in depths], marker="o")
+    ax.axvline(result["trained_num_loops"], color="grey", linestyle="--", label=f"trained K = {result['trained_num_loops']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("loop iterations at inference (num_loops)")
+    ax.set_ylabel(f"perplexity ({result['split']})")
+    ax.set_title(title or "depth sweep")
+    ax.legend()
+    return _save(fig, path)
 
 
 # ------------------------------------------------------------------ the paper's protocol

@@ -64,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="tokens per sample (default: the model's max_position_embeddings)")
     ppl.add_argument("--perplexity-batch-size", type=int, default=8, help="sequences per forward pass")
     ppl.add_argument("--seed", type=int, default=1234, help="dataset shuffling seed (as in training)")
+    ppl.add_argument("--num-loops", default=None,
+                     help="depth sweep: comma-separated loop counts N (e.g. 1,2,4,8,16); perplexity at each, a "
+                          "table and a plot (--plot)")
+    ppl.add_argument("--plot", default=None,
+                     help="--num-loops: the PNG to write (default: --output with _depth.png for .json)")
     ppl.add_argument("--tokenizer-type", choices=["sentencepiece", "hf"], default=None,
                      help="tokenizer the data was preprocessed with (default: the one in --model-dir)")
     ppl.add_argument("--tokenizer-model", default=None, help="its file (default: the one in --model-dir)")
@@ -116,6 +121,9 @@ def main(argv=None) -> int:
         check_inputs(args, evaluation)
         if args.output:
             check_output_file(args.output, "--output", force=args.force)
+        depths, plot = sweep_args(args)
+        if plot:
+            check_output_file(plot, "--plot", force=args.force)
         if args.suite == "paper":
             out["paper"] = run_paper(args, evaluation)
         if args.perplexity_data:
@@ -124,10 +132,15 @@ def main(argv=None) -> int:
                 samples=args.perplexity_samples, seq_length=args.seq_length,
                 batch_size=args.perplexity_batch_size, seed=args.seed, tokenizer_type=args.tokenizer_type,
                 tokenizer_file=args.tokenizer_model, cache_dir=args.data_cache_dir, dtype=args.dtype,
-                device=args.device)
+                device=args.device, num_loops=depths)
             ppl = out["perplexity"]
             print(f"perplexity ({ppl['split']}, {ppl['samples']} samples, {ppl['tokens']} tokens): "
                   f"{ppl['perplexity']:.4f} (loss {ppl['loss']:.4f})")
+            if depths:
+                print(f"depth sweep (trained K = {ppl['trained_num_loops']}):\n| num_loops | loss | perplexity |\n"
+                      "|---:|---:|---:|\n" + "\n".join(f"| {d['num_loops']} | {d['loss']:.4f} | {d['perplexity']:.4f} |"
+                                                   for d in ppl["depths"]))
+                print(f"wrote {evaluation.plot_depth_sweep(ppl, plot, args.model_dir)}")
         if args.tasks:
             batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
             limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
@@ -150,6 +163,28 @@ def main(argv=None) -> int:
     if args.output:
         print(f"wrote {args.output}")
     return 0
+
+
+def sweep_args(args) -> tuple[list[int], str | None]:
+    """(--num-loops as ints, the plot path), or one clear error."""
+    from mesh_megatron.config import ConfigError
+
+    if args.num_loops is None:
+        if args.plot:
+            raise ConfigError("--plot is the depth sweep's: add --num-loops N1,N2,...")
+        return [], None
+    if not args.perplexity_data:
+        raise ConfigError("--num-loops sweeps perplexity: add --perplexity-data PREFIX")
+    try:
+        depths = [int(x) for x in args.num_loops.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--num-loops {args.num_loops!r}: pass comma-separated integers, e.g. 1,2,4,8,16") from None
+    if not depths or min(depths) < 1:
+        raise ConfigError(f"--num-loops {args.num_loops!r}: every loop count must be >= 1")
+    plot = args.plot or (os.path.splitext(args.output)[0] + "_depth.png" if args.output else None)
+    if plot is None:
+        raise ConfigError("--num-loops writes a plot: pass --plot PATH.png (or --output, next to which it goes)")
+    return depths, plot
 
 
 def check_inputs(args, evaluation) -> None:

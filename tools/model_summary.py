@@ -5,6 +5,11 @@ The model is built on the meta device: no weight memory, so pythia-1.4b costs no
 
   python tools/model_summary.py --preset pythia-1.4b --variant mesh
   python tools/model_summary.py --preset pythia-410m --variant base --layout 3+6R3+3 --json
+  python tools/model_summary.py --variant base --mean-recurrence 1,3,7 --backprop-depth 2
+
+--mean-recurrence R1,R2,...: the expected training FLOPs/token of Huginn's random recurrence
+(--recurrence-sampling poisson-lognormal, E[iterations] = R + 1) at each R, with the last
+--backprop-depth k iterations backpropagated (model/accounting.py expected_flops_per_token).
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sequence length for the attention FLOPs term (default: the preset's)")
     p.add_argument("--pipeline", type=int, default=None,
                    help="also print the automatic stage split for N pipeline stages (compute shares, bubble)")
+    p.add_argument("--mean-recurrence", default=None,
+                   help="comma-separated R of --recurrence-sampling poisson-lognormal: expected train FLOPs/token "
+                        "at each (E[iterations] = R + 1)")
+    p.add_argument("--backprop-depth", type=int, default=None,
+                   help="with --mean-recurrence: only the last k iterations backpropagate (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p.parse_args(argv)
 
@@ -80,6 +90,7 @@ def summarize(args: argparse.Namespace) -> dict:
             raise ConfigError(f"--lora-rank {relax['lora_rank']!r} is not an integer or 'full'") from None
     cfg = dataclasses.replace(cfg, **relax) if relax else cfg
     validate(cfg)
+    by_recurrence = _by_mean_recurrence(cfg, args)
     initialize_distributed(ParallelConfig())
     with torch.device("meta"):
         model = MeshGPTModel(cfg, to_transformer_config(cfg, perform_initialization=False))
@@ -101,7 +112,33 @@ def summarize(args: argparse.Namespace) -> dict:
         "padded_vocab_size": cfg.padded_vocab_size(),
         "seq_length": args.seq_length or cfg.seq_length,
         **({"pipeline": build_layout(cfg, args.pipeline).report()} if args.pipeline else {}),
+        **({"flops_per_token_by_mean_recurrence": by_recurrence} if by_recurrence else {}),
     }
+
+
+def _by_mean_recurrence(cfg, args) -> dict:
+    """{R: {expected_iterations, expected_with_grad, flops_per_token}} for --mean-recurrence."""
+    from mesh_megatron.config import ConfigError, RecurrenceConfig, validate_recurrence
+    from mesh_megatron.model.accounting import expected_flops_per_token
+    from mesh_megatron.model.recurrence import expected_iterations
+
+    if args.mean_recurrence is None:
+        if args.backprop_depth is not None:
+            raise ConfigError("--backprop-depth needs --mean-recurrence R1,R2,... (the R to count FLOPs at)")
+        return {}
+    out = {}
+    for text in args.mean_recurrence.split(","):
+        try:
+            r = float(text)
+        except ValueError:
+            raise ConfigError(f"--mean-recurrence {args.mean_recurrence!r}: {text!r} is not a number; "
+                              "pass comma-separated R, e.g. 1,3,7") from None
+        rec = RecurrenceConfig("poisson-lognormal", r, args.backprop_depth)
+        validate_recurrence(cfg, rec)
+        n, g = expected_iterations(rec, cfg.parsed_layout.loops)
+        out[text] = {"expected_iterations": n, "expected_with_grad": g,
+                     "flops_per_token": expected_flops_per_token(cfg, rec, args.seq_length)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -118,6 +155,7 @@ def main(argv=None) -> int:
         print(json.dumps(summary))
         return 0
     pipeline = summary.pop("pipeline", None)
+    by_recurrence = summary.pop("flops_per_token_by_mean_recurrence", {})
     rows = [
         ("variant", summary["variant"]), ("layout", summary["layout"]),
         ("mesh slots", summary["mesh_slots"]), ("hidden", summary["hidden_size"]),
@@ -131,7 +169,8 @@ def main(argv=None) -> int:
         ("adapter train FLOPs/token", f"{summary['adapter_flops_per_token']:,}"),
         ("compute depth", summary["compute_depth"]), ("unique depth", summary["unique_depth"]),
         (f"train FLOPs/token (seq {summary['seq_length']})", f"{summary['flops_per_token']:,}"),
-    ]
+    ] + [(f"  at mean recurrence R={r} (E[n] {v['expected_iterations']:.2f}, E[grad] {v['expected_with_grad']:.2f})",
+          f"{v['flops_per_token']:,.0f}") for r, v in by_recurrence.items()]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

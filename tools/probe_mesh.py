@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layout", default=None,
                    help="vanilla only: read states at the depths of this P+CrK+Q (default: every layer)")
     p.add_argument("--seed", type=int, default=1234, help="dataset shuffling seed (training's default)")
+    p.add_argument("--num-loops", type=int, default=None,
+                   help="probe at this inference depth N (loop iterations) instead of the trained K: any N for "
+                        "models without per-step weights (base, anchor..., mesh --mesh-routers shared)")
     p.add_argument("run_flags", nargs=argparse.REMAINDER, help="with --init-only, after --: pretrain_mesh.py flags")
     args = p.parse_args(argv)
     if args.run_flags[:1] == ["--"]:
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
     settings = ProbeSettings(samples=args.samples, seq_length=args.seq_length, batch_size=args.batch_size,
                              device=args.device, data_path=args.data_path, split=args.split, seed=args.seed,
                              iteration=args.iteration, vanilla_layout=args.layout,
-                             init_flags=args.run_flags if args.init_only else None)
+                             init_flags=args.run_flags if args.init_only else None, num_loops=args.num_loops)
     try:
         check_settings(settings)
         if args.load:

@@ -53,6 +53,7 @@ class ProbeSettings:
     cka_scale: float = 1.0  # sigma = cka_scale x median pairwise token distance
     cache_dir: Optional[str] = None
     init_flags: Optional[Sequence[str]] = None  # probe the initialisation of this pretrain_mesh.py run
+    num_loops: Optional[int] = None  # run the loop N times (test-time depth); None: the trained K
 
 
 @dataclass
@@ -293,7 +294,7 @@ def run_probe(load: Optional[str], settings: Optional[ProbeSettings] = None) -> 
     if seq_length > probed.seq_length:
         raise ConfigError(f"--seq-length {seq_length} is longer than the {probed.seq_length} tokens the model "
                           f"was trained on: pass at most {probed.seq_length}")
-    reader = StateReader(probed.model, settings.vanilla_layout)
+    reader = StateReader(probed.model, settings.vanilla_layout, settings.num_loops)
     tokens, data = held_out_tokens(probed, settings, seq_length)
     model = probed.model.to(device)
     acc = _Accumulator(reader, settings)
@@ -303,7 +304,8 @@ def run_probe(load: Optional[str], settings: Optional[ProbeSettings] = None) -> 
     cfg = model.config
     result["model"] = {"source": probed.source, "iteration": probed.iteration,
                        "variant": reader.variant, "layout": reader.layout, "hidden_size": cfg.hidden_size,
-                       "mesh_slots": reader.slots or None}
+                       "mesh_slots": reader.slots or None,
+                       **({"trained_num_loops": cfg.num_loops} if settings.num_loops is not None else {})}
     result["data"] = {"source": data, "samples": int(tokens.shape[0]), "seq_length": seq_length,
                       "seed": settings.seed}
     result["settings"] = {"device": device, "dtype": "float32 model, float64 metrics",

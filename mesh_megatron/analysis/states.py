@@ -43,16 +43,25 @@ class StateReader:
     steps (empty without routers); `slots`: B (0 without routers).
     """
 
-    def __init__(self, model: nn.Module, vanilla_layout: Optional[str] = None):
+    def __init__(self, model: nn.Module, vanilla_layout: Optional[str] = None, num_loops: Optional[int] = None):
+        """`num_loops`: run the loop N times instead of the trained K (a looped export only)."""
         self.model = model
         cfg = model.config
+        self.num_loops = num_loops
+        if num_loops is not None:
+            if cfg.model_type != "mesh_gpt_neox":
+                raise ConfigError(f"--num-loops needs a looped model (mesh_gpt_neox); this one is {cfg.model_type}")
+            if num_loops < 1 or (cfg.fixed_depth and num_loops > cfg.num_loops):
+                raise ConfigError(f"--num-loops {num_loops}: this {cfg.state_passing} model runs 1.."
+                                  f"{cfg.num_loops if cfg.fixed_depth else 'any'} loop iterations"
+                                  + (" (it has weights per step)" if cfg.fixed_depth else ""))
         self.router_steps: list[str] = []
         self.slots = 0
         if cfg.model_type == "mesh_gpt_neox":
             if vanilla_layout:
                 raise ConfigError(f"--layout is for vanilla models only: this one is "
                                   f"{cfg.state_passing} with its own loop")
-            loops = cfg.num_loops
+            loops = cfg.num_loops if num_loops is None else num_loops
             self.variant = cfg.state_passing
             self.layout = f"{cfg.num_prelude_layers}+{cfg.num_core_layers}R{loops}+{cfg.num_coda_layers}"
             self.names = ["h_emb", "h0", *[f"h_{t}" for t in range(1, loops + 1)], "h_out"]
@@ -95,7 +104,8 @@ class StateReader:
                     hooks += [r.register_forward_hook(lambda _m, _i, out, sink=sink: sink.append(out))
                               for r in routers]
             try:
-                hidden = base(input_ids, use_cache=False, output_hidden_states=True).hidden_states
+                hidden = base(input_ids, use_cache=False, output_hidden_states=True,
+                              num_loops=self.num_loops).hidden_states
             finally:
                 for h in hooks:
                     h.remove()

@@ -32,7 +32,7 @@ stepwise's position that is its own source).
 Our `stepwise` takes every K-th middle layer from the first (M[j*K]); the Mixture-of-Recursions
 reference (model/sharing_strategy.py, "cycle") takes round(linspace(0, N-1, C)) over all N
 layers, so its picks span the whole stack including the last layer and ignore prelude/coda;
-ours stays inside the middle block the core replaces (docs/MESH_METHOD.md section 7).
+ours stays inside the middle block the core replaces (docs/MESH_METHOD.md section 8).
 
 The vocabulary keeps the source's row count: ModelConfig.vocab_size = rows, with
 make_vocab_size_divisible_by chosen so no padding is added at the requested TP size.
@@ -304,6 +304,10 @@ def _mesh_model_config(hf_dir: str, rows: int, seq_length: Optional[int], tp: in
         lora_rank=getattr(hf, "lora_rank", 0), lora_alpha=getattr(hf, "lora_alpha", None),
         lora_targets=getattr(hf, "lora_targets", ModelConfig.lora_targets),
         relax_biases=getattr(hf, "relax_biases", False), relax_norms=getattr(hf, "relax_norms", False),
+        mesh_routers=getattr(hf, "mesh_routers", "per-step"),
+        mesh_step_embedding=getattr(hf, "mesh_step_embedding", False),
+        input_injection=getattr(hf, "input_injection", "none"),
+        state_init=getattr(hf, "state_init", "prelude"),
         vocab_size=rows, make_vocab_size_divisible_by=vocab_divisor(rows, tp),
         seq_length=seq_length or hf.max_position_embeddings,
         scale_embeddings=bool(scale), layernorm_epsilon=hf.layer_norm_eps,

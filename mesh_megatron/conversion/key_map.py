@@ -8,6 +8,7 @@
     block.state_passing.write_routers.{s}.*          gpt_neox.mesh.write_routers.{s}.*
     block.state_passing.read_routers.{s}.*           gpt_neox.mesh.read_routers.{s}.*
     block.state_passing.scalars                      gpt_neox.state_scalars
+    block.state_passing.step_embedding               gpt_neox.mesh.step_embedding   (mesh_routers: shared)
     final_layernorm.*                                gpt_neox.final_layer_norm.*
     output_layer.weight                              embed_out.weight
 
@@ -61,6 +62,8 @@ _TOP_LEVEL: tuple[tuple[str, str], ...] = (
     ("final_layernorm.bias", "gpt_neox.final_layer_norm.bias"),
     ("output_layer.weight", "embed_out.weight"),
     ("block.state_passing.scalars", "gpt_neox.state_scalars"),
+    ("block.state_passing.step_embedding", "gpt_neox.mesh.step_embedding"),  # shared MeSH routers
+    ("block.injection.adapter.weight", "gpt_neox.injection_adapter.weight"),  # --input-injection concat-adapter
 )
 _TRAIN_LAYER_RE = re.compile(r"^block\.(prelude|core|coda)\.(\d+)\.(.+)$")
 _TRAIN_ROUTER_RE = re.compile(r"^block\.state_passing\.(write_routers|read_routers)\.(\d+)\.(weight|bias)$")
@@ -224,6 +227,10 @@ def hf_config(config: ModelConfig, vocab_rows: int, *, bos_token_id: Optional[in
         mesh_slots=config.slots if config.is_mesh else None,
         mesh_router_init=config.mesh_router_init,
         mesh_router_margin=config.mesh_router_margin,
+        mesh_routers=config.mesh_routers,
+        mesh_step_embedding=config.mesh_step_embedding,
+        input_injection=config.input_injection,
+        state_init=config.state_init,
         embedding_multiplier=config.embedding_multiplier,
         lora_rank=config.lora_rank,
         lora_alpha=config.lora_alpha,

@@ -51,6 +51,13 @@ class MeshGPTNeoXConfig(PretrainedConfig):
         mesh_router_init, mesh_router_margin: how training initialised the MeSH router biases ("paper": 0;
             "base": +margin on each step's own slot). A record of the run only: the trained weights are
             loaded, and this model's own forward does not read them.
+        mesh_routers: "per-step" (the paper: K + 1 router pairs, depth fixed at K) or "shared" (pair 0 for the
+            transitional step, pair 1 for every loop iteration: runs at any `num_loops`); mesh_step_embedding: the
+            shared routers read h_t + step_embedding[min(t, B - 1)].
+        input_injection: what the core reads besides the state h_t, with e = the prelude's output: "none", "add"
+            (h_t + e) or "concat-adapter" (gpt_neox.injection_adapter([h_t; e]), Linear(2h -> h) without bias).
+        state_init: "prelude" (the loop starts from e, or MeSH's transitional read) or "noise" (training drew a
+            truncated-normal start; this model starts from its mean, zeros, as training's evaluation does).
         embedding_multiplier: the input embeddings are multiplied by it, sqrt(hidden_size) when the paper's
             embedding scaling is on, 1.0 when off.
         lora_rank, lora_alpha, lora_targets, relax_biases, relax_norms: relaxed sharing (arXiv 2410.20672), core
@@ -93,6 +100,10 @@ class MeshGPTNeoXConfig(PretrainedConfig):
     mesh_slots: int | None = None
     mesh_router_init: str = "paper"
     mesh_router_margin: float | None = None
+    mesh_routers: str = "per-step"
+    mesh_step_embedding: bool = False
+    input_injection: str = "none"
+    state_init: str = "prelude"
     embedding_multiplier: float | int = 1.0
     lora_rank: int = 0
     lora_alpha: float | int | None = None
@@ -112,6 +123,15 @@ class MeshGPTNeoXConfig(PretrainedConfig):
     def num_unique_layers(self) -> int:
         core = self.num_core_layers if self.core_shared else self.num_core_layers * self.num_loops
         return self.num_prelude_layers + core + self.num_coda_layers
+
+    @property
+    def fixed_depth(self) -> bool:
+        """Whether some weights exist per loop step (per-step MeSH routers, `learned` scalars, vanilla+mesh's
+        distinct blocks, relaxed sharing's per-iteration adapters): then a forward runs at most num_loops
+        iterations."""
+        return not self.core_shared or self.state_passing == "learned" or (
+            self.state_passing == "mesh" and self.mesh_routers == "per-step") or bool(
+            self.lora_rank or self.relax_biases or self.relax_norms)
 
     @property
     def num_layer_applications(self) -> int:
@@ -135,6 +155,10 @@ class MeshGPTNeoXConfig(PretrainedConfig):
             raise ValueError(f"mesh_slots must be >= 2 (slot 0 holds h_emb), got {self.mesh_slots}")
         if (self.lora_rank or self.relax_biases or self.relax_norms) and not self.core_shared:
             raise ValueError("lora_rank / relax_biases / relax_norms relax a shared core: core_shared must be True")
+        if self.mesh_routers not in ("per-step", "shared"):
+            raise ValueError(f"mesh_routers {self.mesh_routers!r} not in ('per-step', 'shared')")
+        if self.mesh_routers == "shared" and self.state_passing != "mesh":
+            raise ValueError("mesh_routers='shared' needs state_passing='mesh'")
         if self.num_hidden_layers != self.num_unique_layers:
             raise ValueError(
                 f"num_hidden_layers {self.num_hidden_layers} != unique layers {self.num_unique_layers} "

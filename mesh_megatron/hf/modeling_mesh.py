@@ -222,13 +222,20 @@ class MeshRouter(nn.Module):
 
 
 class MeshRouters(nn.Module):
-    """The K + 1 write and read routers: step s = 0 is the transitional step, s = t + 1 is loop step t."""
+    """The K + 1 write and read routers: step s = 0 is the transitional step, s = t + 1 is loop step t.
+
+    mesh_routers "shared": pair 0 for the transitional step and pair 1 for every loop step (any depth), their
+    input plus step_embedding[min(t, B - 1)] when mesh_step_embedding is on.
+    """
 
     def __init__(self, config):
         super().__init__()
-        steps, hidden, slots = config.num_loops + 1, config.hidden_size, config.mesh_slots
+        self.shared = getattr(config, "mesh_routers", "per-step") == "shared"
+        steps, hidden, slots = 2 if self.shared else config.num_loops + 1, config.hidden_size, config.mesh_slots
         self.write_routers = nn.ModuleList(MeshRouter(hidden, slots) for _ in range(steps))
         self.read_routers = nn.ModuleList(MeshRouter(hidden, slots) for _ in range(steps))
+        embed = self.shared and getattr(config, "mesh_step_embedding", False)
+        self.step_embedding = nn.Parameter(torch.zeros(slots, hidden)) if embed else None  # [B, hidden]
 
     def step(self, s, buffer, router_input, new_state):
         """One MeSH step: route from router_input, add new_state to every slot by its write weight, read.
@@ -236,6 +243,10 @@ class MeshRouters(nn.Module):
         buffer: [batch, seq, hidden, B]; returns (buffer, read [batch, seq, hidden]). The write comes first, so
         the read already sees new_state.
         """
+        if self.shared:
+            if s and self.step_embedding is not None:
+                router_input = router_input + self.step_embedding[min(s - 1, self.step_embedding.shape[0] - 1)]
+            s = min(s, 1)
         w = self.write_routers[s](router_input)  # [batch, seq, B]
         r = self.read_routers[s](router_input)  # [batch, seq, B]
         buffer = buffer + new_state.unsqueeze(-1) * w.unsqueeze(-2)  # m_b += w_b * new_state (additive)
@@ -279,6 +290,8 @@ class MeshGPTNeoXPreTrainedModel(PreTrainedModel):
             router_std = math.sqrt(2.0 / module.weight.numel())
             init.trunc_normal_(module.weight, mean=0.0, std=router_std, a=-3 * router_std, b=3 * router_std)
             init.zeros_(module.bias)
+        elif isinstance(module, MeshRouters) and module.step_embedding is not None:
+            init.zeros_(module.step_embedding)
         elif isinstance(module, MeshGPTNeoXModel) and module.state_scalars is not None:
             # (a1, a2, a3) = (1, 1, 0): every learned step starts as the anchor recurrence core(h_t) + h0
             init.copy_(module.state_scalars, torch.tensor([1.0, 1.0, 0.0]).expand_as(module.state_scalars))
@@ -286,6 +299,8 @@ class MeshGPTNeoXPreTrainedModel(PreTrainedModel):
 
 class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
     """Embeddings, prelude, looped core, coda and final LayerNorm (no output layer).
+
+    `num_loops=N` runs N loop iterations instead of K (test-time depth); K below reads N then.
 
     `hidden_states` (with output_hidden_states=True) is a tuple of K + 4 tensors [batch, seq, hidden], in order:
         0      h_emb   embed_in(ids) * embedding_multiplier (the input to the prelude)
@@ -299,6 +314,8 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
     KV cache: one entry per executed layer application, P + C*K + Q in all, numbered in execution order:
     prelude layer i -> i, core layer j in loop step t -> P + t*C + j, coda layer j -> P + C*K + j. A shared core
     layer therefore owns K cache entries; the entry is passed to the attention at call time (`cache_idx`).
+    With cache_iterations=M (Huginn's compressed cache) loop step t uses the entries of step t % M and the coda
+    starts at P + C*M: P + C*M + Q entries whatever N.
     """
 
     def __init__(self, config: MeshGPTNeoXConfig):
@@ -314,6 +331,9 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
         # learned variant: (a1, a2, a3) per loop step, h_{t+1} = a1*core(h_t) + a2*h0 + a3*h_emb
         learned = config.state_passing == "learned"
         self.state_scalars = nn.Parameter(torch.empty(config.num_loops, 3)) if learned else None
+        # input injection (configuration_mesh.py): the concat adapter over [h_t; e]
+        concat = getattr(config, "input_injection", "none") == "concat-adapter"
+        self.injection_adapter = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False) if concat else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -357,12 +377,23 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        num_loops: int | None = None,
+        cache_iterations: int | None = None,
+        exit_threshold: float | None = None,
+        exit_head=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
         inputs_embeds: replaces embed_in(input_ids); it is still multiplied by config.embedding_multiplier.
         cache: KV cache with one entry per layer application (see the class docstring); a cache sized by
             config.num_hidden_layers, as generate() builds it, is extended before use.
+        num_loops: loop iterations N of this forward (default config.num_loops = K); any N >= 1 where no weight
+            is per step (config.fixed_depth: at most K). Keep it the same for every call sharing a cache.
+        cache_iterations: keep KV entries for at most M loop iterations, iteration t reusing entry t % M
+            (Huginn's compressed cache, compress-s); default one per iteration.
+        exit_threshold: decode steps (one new token per row) stop iterating a row once the KL divergence
+            between successive iterations' next-token distributions (exit_head over the coda) is below it; its
+            later cache entries repeat its last computed ones. 0 never exits.
         """
         cfg = self.config
         use_cache = cfg.use_cache if use_cache is None else use_cache
@@ -372,10 +403,16 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_in(input_ids)  # [batch, seq, hidden]
 
+        n = cfg.num_loops if num_loops is None else int(num_loops)
+        if n < 1 or (cfg.fixed_depth and n > cfg.num_loops):
+            raise ValueError(f"num_loops={n}: this model runs 1..{cfg.num_loops} iterations (it has weights per step)"
+                             if cfg.fixed_depth else f"num_loops={n} must be >= 1")
+        slots = n if cache_iterations is None else max(1, min(n, int(cache_iterations)))
+        P, C = cfg.num_prelude_layers, cfg.num_core_layers
         if use_cache and cache is None:
             cache = DynamicCache()  # grows one entry per cache index it is given
         if cache is not None:
-            _extend_cache(cache, cfg.num_layer_applications)
+            _extend_cache(cache, P + C * slots + cfg.num_coda_layers)
         seq = inputs_embeds.shape[1]
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             # mask [batch, past + seq]: count real tokens only, as generate() does, so a left-padded row gets the
@@ -394,17 +431,16 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
         )
         rope = rotary_cos_sin(cfg, position_ids, inputs_embeds.dtype)
 
-        cache_indices = iter(range(cfg.num_layer_applications))  # next cache entry, in execution order
+        view = _IterationCache(cache, P, C, slots) if cache is not None else None
 
-        def run(layers, h, loop=None):
-            for layer in layers:
-                idx = next(cache_indices)
-                h = layer(h, attention_mask=mask, position_embeddings=rope, cache=cache, cache_idx=idx, loop=loop,
+        def run(layers, h, first, loop=None):  # cache entries first, first + 1, ... (class docstring)
+            for j, layer in enumerate(layers):
+                h = layer(h, attention_mask=mask, position_embeddings=rope, cache=view, cache_idx=first + j, loop=loop,
                           **kwargs)
             return h
 
         h_emb = inputs_embeds * cfg.embedding_multiplier
-        h_pre = run(self.prelude(), h_emb)
+        h_pre = run(self.prelude(), h_emb, 0)
         if self.mesh is not None:
             # buffer [batch, seq, hidden, B]: m_0 = h_emb, the other slots 0. It lives for this forward only; with a
             # KV cache it covers the new tokens only, which is exact because the buffer is per token.
@@ -412,24 +448,93 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
             buffer, h0 = self.mesh.step(0, buffer, router_input=h_pre, new_state=h_pre)  # transitional step
         else:
             h0 = h_pre
+        if getattr(cfg, "state_init", "prelude") == "noise":
+            h0 = torch.zeros_like(h0)  # the mean of training's noise start (its evaluation's start)
         states = [h_emb, h_pre, h0]
+        injection = getattr(cfg, "input_injection", "none")
+
+        def core_input(h):  # what the core reads: the state, plus the prelude's output when injected
+            if injection == "add":
+                return h + h_pre
+            return self.injection_adapter(torch.cat([h, h_pre], dim=-1)) if injection == "concat-adapter" else h
 
         h = h0
-        for t in range(cfg.num_loops):
-            y = run(self.core_block(t), h, loop=t)
+        coda_first = P + C * slots
+        early = exit_threshold is not None and seq == 1 and view is not None
+        exited = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device) if early else None  # [batch, seq]
+        log_p = None
+        for t in range(n):
+            if early and bool(exited.all()):  # every row is done: repeat its last entries, compute nothing
+                view.repeat_last(range(P + (t % slots) * C, P + (t % slots) * C + C))
+                states.append(h)
+                continue
+            view is not None and view.freeze(exited)
+            y = run(self.core_block(t), core_input(h), P + (t % slots) * C, loop=t)
             if self.mesh is not None:
-                buffer, h = self.mesh.step(t + 1, buffer, router_input=h, new_state=y)
+                buffer, h_next = self.mesh.step(t + 1, buffer, router_input=h, new_state=y)
             else:
-                h = self._next_state(t, y, h, h0, h_emb)
+                h_next = self._next_state(t, y, h, h0, h_emb)
+            h = h_next if exited is None else torch.where(exited[..., None], h, h_next)
             states.append(h)
+            if early and t < n - 1:  # the next-token distribution after this iteration (coda entries overwritten)
+                new_log_p = F.log_softmax(exit_head(self.final_layer_norm(run(self.coda(), h, coda_first))).float(), -1)
+                if log_p is not None:
+                    kl = F.kl_div(new_log_p, log_p, log_target=True, reduction="none").sum(-1).clamp_min(0)
+                    exited = exited | (kl < exit_threshold)
+                log_p = new_log_p
+        view is not None and view.freeze(None)
+        self.exit_mask = exited  # rows that stopped early in the last decode step (None without early exit)
 
-        h_out = run(self.coda(), h)
+        h_out = run(self.coda(), h, coda_first)
         states.append(h_out)
         return BaseModelOutputWithPast(
             last_hidden_state=self.final_layer_norm(h_out),
             cache=cache if use_cache else None,
             hidden_states=tuple(states) if output_hidden_states else None,
         )
+
+
+class _IterationCache:
+    """The KV cache as one forward sees it (the attention calls update(k, v, idx)).
+
+    An entry written a second time in the same forward (a compressed cache's reused iteration entry, or the coda
+    run again by the early-exit probe) replaces the new tokens' keys and values instead of appending them. While
+    `freeze(mask)` holds, the masked tokens of a core layer write the keys and values that layer last computed
+    for them (an exited token's later iterations repeat its last computed entry).
+    """
+
+    def __init__(self, cache, prelude, core, iterations):
+        self.cache, self.prelude, self.core, self.end = cache, prelude, core, prelude + core * iterations
+        self.written, self.last, self.frozen = set(), {}, None
+
+    def __getattr__(self, name):  # everything else (get_seq_length, ...) is the cache's
+        return getattr(self.cache, name)
+
+    def freeze(self, mask):
+        self.frozen = None if mask is None or not bool(mask.any()) else mask
+
+    def _core_layer(self, idx):
+        return (idx - self.prelude) % self.core if self.prelude <= idx < self.end else None
+
+    def update(self, k, v, idx):
+        j = self._core_layer(idx)
+        if self.frozen is not None and j is not None and j in self.last:
+            m = self.frozen[:, None, :, None]  # [batch, 1, seq, 1] over [batch, heads, seq, head_dim]
+            k, v = torch.where(m, self.last[j][0], k), torch.where(m, self.last[j][1], v)
+        if j is not None:
+            self.last[j] = (k, v)
+        if idx not in self.written:
+            self.written.add(idx)
+            return self.cache.update(k, v, idx)
+        layer, s = self.cache.layers[idx], k.shape[-2]
+        layer.keys = torch.cat([layer.keys[..., :-s, :], k], dim=-2)
+        layer.values = torch.cat([layer.values[..., :-s, :], v], dim=-2)
+        return layer.keys, layer.values
+
+    def repeat_last(self, indices):
+        """Write every core layer's last keys and values into `indices` without computing them."""
+        for idx in indices:
+            self.update(*self.last[self._core_layer(idx)], idx)
 
 
 def _extend_cache(cache, num_entries):
@@ -474,11 +579,16 @@ class MeshGPTNeoXForCausalLM(MeshGPTNeoXPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_loops: int | None = None,
+        cache_iterations: int | None = None,
+        exit_threshold: float | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         labels: [batch, seq] token ids, -100 ignored; shifted inside the loss (position i predicts labels[i + 1]).
         logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
+        num_loops, cache_iterations, exit_threshold: test-time depth (MeshGPTNeoXModel.forward); generate() passes
+            them to every step.
         """
         outputs = self.gpt_neox(
             input_ids,
@@ -488,6 +598,10 @@ class MeshGPTNeoXForCausalLM(MeshGPTNeoXPreTrainedModel, GenerationMixin):
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            num_loops=num_loops,
+            cache_iterations=cache_iterations,
+            exit_threshold=exit_threshold,
+            exit_head=self.embed_out if exit_threshold is not None else None,
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

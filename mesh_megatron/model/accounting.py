@@ -8,11 +8,14 @@ with the one convention used everywhere (summary, training log, benchmarks):
                   + K * C * r * sum over LoRA targets of (in + out)          (relaxed sharing)
 
 Every loop iteration is counted: a core of C layers run K times costs C*K layers. Relaxed
-sharing (model/relaxation.py, docs/MESH_METHOD.md section 7) holds one adapter per loop
+sharing (model/relaxation.py, docs/MESH_METHOD.md section 8) holds one adapter per loop
 position, each applied once per token, so its parameters and its N_applied term are equal:
 
     adapter params = K * C * r * sum_targets (in + out)        qkv 4h, dense 2h, fc1 and fc2 h + ffn
     delta params   = K * C * (9h or h*5 + ffn biases if relax_biases, + 4h if relax_norms)
+
+Under a random recurrence or truncated backprop (model/recurrence.py) the iterations executed count:
+forward of all n, backward of the last g = min(n, k) (flops_per_token, step_flops_per_token).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 from mesh_megatron.config import ModelConfig
 
 EMBEDDING_PREFIXES = ("embedding.", "output_layer.")
-ROUTER_MARKERS = (".write_routers.", ".read_routers.")
+ROUTER_MARKERS = (".write_routers.", ".read_routers.", ".step_embedding")
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 DELTA_SUFFIXES = ("_delta",)
 
@@ -35,7 +38,7 @@ class ParameterCounts:
     total: int
     embedding: int  # input embedding + output layer (untied)
     non_embedding: int  # all layers, routers and the final LayerNorm
-    router: int  # MeSH write + read routers
+    router: int  # MeSH write + read routers (and the shared routers' step embedding)
     adapter: int = 0  # relaxed sharing: LoRA A and B of every loop position
     delta: int = 0  # relaxed sharing: per-position bias and LayerNorm deltas
 
@@ -94,9 +97,57 @@ def applied_matmul_params(config: ModelConfig, tensor_parallel_size: int = 1) ->
     return layers + routers + adapter_params(config) + h * config.padded_vocab_size(tensor_parallel_size)
 
 
+def flops_per_token(config: ModelConfig, seq_length: Optional[int] = None, tensor_parallel_size: int = 1,
+                    iterations: Optional[float] = None, with_grad: Optional[float] = None) -> float:
+    """Forward + backward FLOPs per token of a forward that runs `iterations` loop iterations
+    (default K) and backpropagates through the last `with_grad` of them (default all):
+
+        forward  = 2 * N_fwd + 4 * L_fwd * hidden * seq,   backward = 2 x (the same over L_bwd)
+        L_fwd    = P + Q + C * n,      L_bwd = P + Q + C * g      (n = iterations, g = with_grad)
+
+    with the routers' (n + 1) and (g + 1) steps and the LoRA adapters of the n (g) iterations
+    run; prelude, coda and the output layer always run both. At n = g = K this is training_flops_per_token. Linear in (n, g), so the expected
+    FLOPs of a random recurrence are those at (E[n], E[g])."""
+    layout = config.parsed_layout
+    n = layout.loops if iterations is None else iterations
+    g = n if with_grad is None else with_grad
+    h, seq = config.hidden_size, seq_length or config.seq_length
+    outside = config.compute_depth - layout.core * layout.loops  # P + Q (vanilla: every layer)
+    l_fwd, l_bwd = outside + layout.core * n, outside + layout.core * g
+    router = 2 * h * config.slots if config.is_mesh else 0
+    head = h * config.padded_vocab_size(tensor_parallel_size)
+    adapter = adapter_params_per_position(config)  # one iteration's LoRA matmuls (relaxed sharing)
+    fwd = 12 * h * h * l_fwd + (n + 1) * router + n * adapter + head
+    bwd = 12 * h * h * l_bwd + (g + 1) * router + g * adapter + head
+    return 2 * fwd + 4 * bwd + 4 * h * seq * l_fwd + 8 * h * seq * l_bwd
+
+
 def training_flops_per_token(config: ModelConfig, seq_length: Optional[int] = None,
                              tensor_parallel_size: int = 1) -> int:
     """Forward + backward FLOPs per token, PaLM-style, no credit for causal masking."""
     seq = seq_length or config.seq_length
     attention = 12 * config.compute_depth * config.hidden_size * seq
     return 6 * applied_matmul_params(config, tensor_parallel_size) + attention
+
+
+def expected_flops_per_token(config: ModelConfig, recurrence, seq_length: Optional[int] = None,
+                             tensor_parallel_size: int = 1) -> float:
+    """Mean training FLOPs per token under a recurrence (model/recurrence.py): at (E[n], E[g])."""
+    from mesh_megatron.model.recurrence import expected_iterations
+
+    n, g = expected_iterations(recurrence, config.parsed_layout.loops)
+    return flops_per_token(config, seq_length, tensor_parallel_size, n, g)
+
+
+def step_flops_per_token(config: ModelConfig, recurrence, iteration: int, micro_batches: int,
+                         seq_length: Optional[int] = None, tensor_parallel_size: int = 1) -> float:
+    """FLOPs per token of training step `iteration` as executed: the mean over its micro-batches
+    of each one's drawn (n, g) (every data-parallel rank draws the same for its i-th)."""
+    from mesh_megatron.model.recurrence import loop_plan
+
+    loops = config.parsed_layout.loops
+    total = 0.0
+    for i in range(micro_batches):
+        plan = loop_plan(recurrence, loops, (iteration, i), training=True)
+        total += flops_per_token(config, seq_length, tensor_parallel_size, plan.iterations, plan.with_grad)
+    return total / micro_batches

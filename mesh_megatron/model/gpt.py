@@ -29,7 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mesh_megatron.config import ExecutionConfig, ModelConfig
+from mesh_megatron.config import ExecutionConfig, ModelConfig, RecurrenceConfig
 from mesh_megatron.model.initialization import initialize_parameters, tag_tensor_parallel_weights
 from mesh_megatron.model.attention import backend_provider
 from mesh_megatron.model.layer_spec import neox_layer_spec
@@ -38,11 +38,13 @@ from mesh_megatron.model.recursive_block import RecursiveBlock, StateObserver
 
 class MeshGPTModel(MegatronModule):
     def __init__(self, config: ModelConfig, tf_config: TransformerConfig,
-                 execution: Optional[ExecutionConfig] = None, stage=None, init_seed: Optional[int] = None):
+                 execution: Optional[ExecutionConfig] = None, stage=None, init_seed: Optional[int] = None,
+                 recurrence: Optional[RecurrenceConfig] = None):
         """`execution`: attention backend and activation recompute (default: auto, none).
         `stage`: a pipeline_layout.Stage (which pieces live here); None = the whole model.
         `init_seed`: weights drawn per parameter name (model/initialization.py), so they do not
-        depend on TP or PP; None draws the seed from torch's global generator."""
+        depend on TP or PP; None draws the seed from torch's global generator.
+        `recurrence`: loop iterations per training forward (model/recurrence.py; None: K)."""
         super().__init__(config=tf_config)
         draw_weights = tf_config.perform_initialization
         # megatron's layers would draw every weight too, only for initialize_parameters to
@@ -75,7 +77,7 @@ class MeshGPTModel(MegatronModule):
             config, tf_config, neox_layer_spec(backend),
             prelude=None if stage is None else stage.prelude,
             has_core=stage is None or stage.core,
-            coda=None if stage is None else stage.coda, recompute=execution.recompute,
+            coda=None if stage is None else stage.coda, recompute=execution.recompute, recurrence=recurrence,
         )
         if self.post_process:
             self.final_layernorm = build_module(
@@ -106,7 +108,9 @@ class MeshGPTModel(MegatronModule):
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None,
-                observe: Optional[StateObserver] = None) -> Tensor:
+                observe: Optional[StateObserver] = None, recurrence_key: Optional[tuple[int, int]] = None) -> Tensor:
+        """`recurrence_key`: (iteration, micro-batch index) of a training forward, from which a
+        random recurrence draws its loop count (model/recurrence.py); ignored otherwise."""
         if self.pre_process:
             h_emb = self.embed(input_ids)
             hidden = h_emb
@@ -117,7 +121,7 @@ class MeshGPTModel(MegatronModule):
         else:
             hidden, h_emb = self.input_tensor, None
         rotary = self.rotary_pos_emb(input_ids.shape[1])  # [s, 1, 1, rotary_dims]
-        h = self.block(hidden, h_emb, rotary, attention_mask, observe=observe)
+        h = self.block(hidden, h_emb, rotary, attention_mask, observe=observe, recurrence_key=recurrence_key)
         if not self.post_process:
             return torch.cat([h, h_emb], dim=0) if self.sends_embeddings else h
         if observe:

@@ -11,6 +11,8 @@ Rules (docs/MESH_METHOD.md section 1, GPT-NeoX small init):
   * biases 0; LayerNorm weight 1, bias 0;
   * MeSH routers: truncated normal, std sqrt(2 / (B * h)), at 3 std; bias 0, or with
     `mesh_router_init: base` +margin on each step's own slot (state_passing.router_bias);
+  * input injection's concat adapter: [I, I] (starts as `add`);
+  * shared MeSH routers' step embedding: 0 (the routers start step-agnostic);
   * learned state scalars: `learned_scalar_init`;
   * relaxed sharing (model/relaxation.py): `lora_A` draws its layer's weight rule (N(0, init_std),
     or the output-projection std for linear_proj / linear_fc2), `lora_B` and every `*_delta` 0,
@@ -47,6 +49,10 @@ def _draw(name: str, shape: list[int], config: ModelConfig, gen: torch.Generator
         return torch.empty(shape).normal_(0.0, std, generator=gen)
     if name.endswith("state_passing.scalars"):
         return torch.tensor(config.learned_scalar_init).expand(shape).clone()
+    if name.endswith("injection.adapter.weight"):  # Linear(2h -> h) = [I, I]: starts as the `add` injection
+        return torch.cat([torch.eye(shape[0]), torch.eye(shape[0])], dim=1)
+    if name.endswith("state_passing.step_embedding"):  # shared MeSH routers' step vectors: start at 0
+        return torch.zeros(shape)
     if "_routers." in name:
         if name.endswith(".bias"):  # ...state_passing.{write,read}_routers.{step}.bias
             return router_bias(shape[0], int(name.split(".")[-2]), config.router_margin)

@@ -2,7 +2,7 @@
 
     h_pre = prelude(h_emb)
     h0, carry = start(h_emb, h_pre)            # MeSH: transitional write/read
-    for t in 0..K-1:
+    for t in 0..n-1:                            # n = K, or drawn per micro-batch (model/recurrence.py)
         y = core(h_t)                           # the same weights every iteration
         h_{t+1}, carry = step(t, h_t, y, carry)
     out = coda(h_K)
@@ -41,7 +41,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mesh_megatron.config import ModelConfig
+from mesh_megatron.config import ModelConfig, RecurrenceConfig
+from mesh_megatron.model.injection import build_injection
+from mesh_megatron.model.recurrence import RecurrenceKey, loop_plan
 from mesh_megatron.model.relaxation import LoopIndex, relaxed_core_spec
 from mesh_megatron.model.state_passing import build_state_passing
 
@@ -52,13 +54,16 @@ StateObserver = Callable[[str, Tensor], None]
 class RecursiveBlock(MegatronModule):
     def __init__(self, config: ModelConfig, tf_config: TransformerConfig, layer_spec: ModuleSpec,
                  prelude: Optional[list[int]] = None, has_core: bool = True,
-                 coda: Optional[list[int]] = None, recompute: str = "none"):
+                 coda: Optional[list[int]] = None, recompute: str = "none",
+                 recurrence: Optional[RecurrenceConfig] = None):
         """`prelude`/`coda`: the global layer indices this stage holds (default: all);
         `has_core`: whether the looped core (and its state passing) lives here;
-        `recompute`: none / loop / layer (module docstring)."""
+        `recompute`: none / loop / layer (module docstring);
+        `recurrence`: iterations per training forward (model/recurrence.py; None: K)."""
         super().__init__(config=tf_config)
         self.model_config = config
         self.recompute = recompute
+        self.recurrence = recurrence
         self.recomputed = 0  # forwards rerun in backward under recompute (the trainer reports it)
         layout = config.parsed_layout
         self.loops = layout.loops
@@ -81,6 +86,7 @@ class RecursiveBlock(MegatronModule):
         coda_offset = layout.prelude + n_core
         self.coda = nn.ModuleDict({str(i): layer(coda_offset + i + 1) for i in coda})
         self.state_passing = build_state_passing(config) if has_core else None
+        self.injection = build_injection(config) if has_core and layout.is_looped else None  # model/injection.py
 
     def core_block(self, t: int) -> nn.ModuleList:
         """The layers applied in iteration t: the shared core, or block t when unshared."""
@@ -103,6 +109,11 @@ class RecursiveBlock(MegatronModule):
         layers = list(layers)
         if self.recompute == "none" or not self.training or not layers or not torch.is_grad_enabled():
             return self._layers(layers, h, rotary_pos_emb, attention_mask, t)
+        if not h.requires_grad:
+            # The state after a no_grad prefix (truncated backprop): megatron's checkpoint is an
+            # autograd.Function, whose output needs an input that requires grad, or the
+            # weights inside get no gradient.
+            h = h.detach().requires_grad_()
         if self.recompute == "layer" or not self.core_layers:  # vanilla has no loop: per layer
             for layer in layers:
                 h = tensor_parallel.checkpoint(self._counted(
@@ -123,19 +134,26 @@ class RecursiveBlock(MegatronModule):
         return counted
 
     def forward(self, hidden: Tensor, h_emb: Optional[Tensor], rotary_pos_emb: Tensor,
-                attention_mask: Optional[Tensor] = None, observe: Optional[StateObserver] = None) -> Tensor:
+                attention_mask: Optional[Tensor] = None, observe: Optional[StateObserver] = None,
+                recurrence_key: Optional[RecurrenceKey] = None) -> Tensor:
         # hidden: [s, b, h] entering this stage (on the first stage: h_emb itself);
         # h_emb: the scaled embeddings, needed where the core reads them (else may be None).
         h = self._run(self.prelude.values(), hidden, rotary_pos_emb, attention_mask)
         if self.state_passing is not None:
             if observe:
                 observe("h_pre", h)
+            e = h
             h, carry = self.state_passing.start(h_emb, h)
+            if self.injection is not None:
+                h = self.injection.initial_state(h, self.training)
             if observe:
                 observe("h0", h)
-            for t in range(self.loops):
-                y = self._run(self.core_block(t), h, rotary_pos_emb, attention_mask, t)
-                h, carry = self.state_passing.step(t, h, y, carry)
+            plan = loop_plan(self.recurrence, self.loops, recurrence_key, self.training)
+            for t in range(plan.iterations):
+                with plan.grad(t):  # the first plan.no_grad iterations: no_grad (truncated backprop)
+                    x = h if self.injection is None else self.injection.core_input(h, e)
+                    y = self._run(self.core_block(t), x, rotary_pos_emb, attention_mask, t)
+                    h, carry = self.state_passing.step(t, h, y, carry)
                 if observe:
                     observe(f"h{t + 1}", h)
         return self._run(self.coda.values(), h, rotary_pos_emb, attention_mask)

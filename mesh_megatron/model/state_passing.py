@@ -132,9 +132,12 @@ class MeshStatePassing(nn.Module):
                     for router in routers:
                         router.bias.copy_(router_bias(slots, step, router_margin))
 
+    def route(self, step: int, router_input: Tensor) -> tuple[Tensor, Tensor]:
+        """(write, read) weights `[s, b, B]` fp32 of step `step`: its own router pair."""
+        return self.write_routers[step](router_input), self.read_routers[step](router_input)
+
     def _write_read(self, step: int, router_input: Tensor, value: Tensor, carry: MeshCarry) -> tuple[Tensor, MeshCarry]:
-        w = self.write_routers[step](router_input)  # [s, b, B] fp32
-        r = self.read_routers[step](router_input)  # [s, b, B] fp32
+        w, r = self.route(step, router_input)  # [s, b, B] fp32 each
         carry = MeshCarry(carry.h_emb, carry.values + [value], carry.writes + [w])  # write, then read
         out = r[..., :1].to(value.dtype) * carry.h_emb.to(value.dtype)
         for v, w_i in zip(carry.values, carry.writes):
@@ -149,9 +152,30 @@ class MeshStatePassing(nn.Module):
         return self._write_read(t + 1, h_t, y, carry)
 
 
+class SharedMeshStatePassing(MeshStatePassing):
+    """MeSH at any depth (`mesh_routers: shared`): router pair 0 for the transitional step,
+    pair 1 shared by every loop iteration, so no parameter fixes K. With `mesh_step_embedding`
+    the shared routers read h_t + e_t, a learned step embedding ([B, h], iteration t uses row
+    min(t, B - 1); zeros at init), like Inner Thinking Transformer's step encoding. The buffer
+    and its memory-saving read are MeshStatePassing's; past B - 2 loop iterations writes land in
+    slots already written (B stays a free parameter). Parameters: 2 * 2 * (h B + B) + B h."""
+
+    def __init__(self, hidden_size: int, slots: int, step_embedding: bool = False):
+        super().__init__(hidden_size, slots, loops=1)
+        self.step_embedding = nn.Parameter(torch.zeros(slots, hidden_size)) if step_embedding else None
+
+    def route(self, step: int, router_input: Tensor) -> tuple[Tensor, Tensor]:
+        pair = min(step, 1)
+        if step and self.step_embedding is not None:
+            router_input = router_input + self.step_embedding[min(step - 1, self.slots - 1)].to(router_input.dtype)
+        return self.write_routers[pair](router_input), self.read_routers[pair](router_input)
+
+
 def build_state_passing(config: ModelConfig) -> nn.Module:
     """The state-passing module of a looped (or vanilla+mesh) model."""
     layout = config.parsed_layout
+    if config.is_mesh and config.mesh_routers == "shared":
+        return SharedMeshStatePassing(config.hidden_size, config.slots, config.mesh_step_embedding)
     if config.is_mesh:
         return MeshStatePassing(config.hidden_size, config.slots, layout.loops, config.router_margin)
     if config.variant == "learned":

@@ -13,8 +13,9 @@ from typing import Optional
 
 import torch
 
-from mesh_megatron.config import (ATTENTION_BACKENDS, LORA_FULL, LORA_TARGETS, MESH_ROUTER_INITS, MESH_ROUTER_MARGIN, PRESETS, RECOMPUTE,
-                                  VARIANTS, ConfigError, DataConfig,
+from mesh_megatron.config import (ATTENTION_BACKENDS, INPUT_INJECTIONS, LORA_FULL, LORA_TARGETS, MESH_ROUTER_INITS, MESH_ROUTERS, STATE_INITS, MESH_ROUTER_MARGIN, PRESETS, RECOMPUTE,
+                                  RECURRENCE_SAMPLINGS, VARIANTS, ConfigError, DataConfig, RecurrenceConfig,
+                                  validate_recurrence,
                                   ExecutionConfig, LoggingConfig, ModelConfig,
                                   ParallelConfig, TrainingConfig, validate, validate_training)
 from mesh_megatron.parallel.initialize import DEFAULT_TIMEOUT_MINUTES
@@ -59,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each loop iteration gets its own biases of the core's linears (a delta, 0 at init)")
     m.add_argument("--relax-norms", action="store_true", default=None,
                    help="each loop iteration gets its own LayerNorm weight and bias in the core (0 deltas at init)")
+    m.add_argument("--mesh-routers", choices=list(MESH_ROUTERS), default=None,
+                   help="MeSH routers: per-step (the paper's K + 1 pairs; the default) or shared (one pair for "
+                        "the transitional step, one for every loop iteration: runs at any depth, needed by "
+                        "--recurrence-sampling poisson-lognormal)")
+    m.add_argument("--mesh-step-embedding", action="store_true", default=None,
+                   help="--mesh-routers shared: add a learned step embedding to the shared routers' input")
+    m.add_argument("--input-injection", choices=list(INPUT_INJECTIONS), default=None,
+                   help="what the looped core reads besides the state: none (the default), add (h_t + e) or "
+                        "concat-adapter (Huginn: Linear(2h -> h) of [h_t; e]); e = the prelude's output")
+    m.add_argument("--state-init", choices=list(STATE_INITS), default=None,
+                   help="the loop's initial state: prelude (its output; the default) or noise (Huginn: truncated "
+                        "normal in training, zeros in eval; needs --input-injection)")
     m.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
     m.add_argument("--hidden-dropout", type=float, default=0.0,
                    help="dropout on the embeddings and on the output of each attention and MLP branch "
@@ -106,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recompute", choices=list(RECOMPUTE), default="none",
                    help="activation recomputation: none, loop (each core iteration and prelude/coda as "
                         "blocks; keeps only the states between iterations), layer (every layer)")
+    t.add_argument("--recurrence-sampling", choices=list(RECURRENCE_SAMPLINGS), default="fixed",
+                   help="loop iterations per training forward: fixed (the layout's K) or poisson-lognormal "
+                        "(Huginn: n = Poisson(LogNormal(log R - 0.125, 0.5)) + 1 per micro-batch, drawn from "
+                        "(seed, iteration, micro-batch)); evaluation and the export run K")
+    t.add_argument("--mean-recurrence", type=float, default=None,
+                   help="poisson-lognormal: R, the mean of the Poisson rate (E[iterations] = R + 1, Huginn's "
+                        "mean_recurrence)")
+    t.add_argument("--backprop-depth", type=int, default=None,
+                   help="backpropagate through only the last k loop iterations (the first max(n - k, 0) run "
+                        "under no_grad; Huginn's mean_backprop_depth); default: all")
     t.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader worker processes reading batches ahead (default 2 on GPU, 0 on CPU)")
     t.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
@@ -252,6 +275,9 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         raise ConfigError(f"--tensor-model-parallel-size {parallel.tensor_model_parallel_size} is larger "
                           f"than the world size {world}: launch at least that many ranks or lower it")
     model = _model_config(args)
+    recurrence = RecurrenceConfig(sampling=args.recurrence_sampling, mean_recurrence=args.mean_recurrence,
+                                  backprop_depth=args.backprop_depth, seed=args.seed)
+    validate_recurrence(model, recurrence)  # before --print-config: tools/ablate.py checks arms with it
     if args.print_config:
         raise SystemExit(recipe.print_config(build_parser(), args, model, parallel, world))
     model, data = _fitted_model(args, model, parallel, world)
@@ -328,7 +354,7 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
                      ds_config=ds, ds_config_path=args.ds_config,
                      recipe=recipe.resolved(build_parser(), args, model, micro, global_, precision),
                      overwrite_save=args.overwrite_save, exit_duration_in_mins=args.exit_duration_in_mins,
-                     execution=execution, num_workers=num_workers,
+                     execution=execution, recurrence=recurrence, num_workers=num_workers,
                      distributed_timeout_minutes=args.distributed_timeout_minutes,
                      preempt_grace_seconds=args.preempt_grace_seconds)
 

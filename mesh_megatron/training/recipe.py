@@ -35,8 +35,9 @@ NOT_RECIPE = {"help", "config", "load", "print_config", "local_rank", "deepspeed
               "exit_duration_in_mins", "overwrite_save", "distributed_timeout_minutes",
               "preempt_grace_seconds"}
 # Model flags that are also ModelConfig fields (mesh_slots, dropout, ...) go through the flags.
-FIELD_FLAGS = ("mesh_slots", "mesh_router_init", "mesh_router_margin", "seq_length", "hidden_dropout",
-               "attention_dropout", "lora_rank", "lora_alpha", "lora_targets", "relax_biases", "relax_norms")
+FIELD_FLAGS = ("mesh_slots", "mesh_router_init", "mesh_router_margin", "mesh_routers", "mesh_step_embedding",
+               "input_injection", "state_init", "seq_length", "hidden_dropout", "attention_dropout",
+               "lora_rank", "lora_alpha", "lora_targets", "relax_biases", "relax_norms")
 MODEL_FLAGS = ("preset", "variant", "layout", *FIELD_FLAGS)
 PRECISIONS = ("fp32", "bf16", "fp16")
 

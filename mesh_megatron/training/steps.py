@@ -69,7 +69,8 @@ class PlainStep(_Step):
         self.engine.train()
         total, count, nonfinite, skipped = self._zero(), self._zero(), self._zero(), 0
         for i, (tokens, labels, mask) in enumerate(batches):
-            loss = _masked_mean(self.engine(tokens, labels=labels), mask)
+            # (iteration, i): what a random recurrence draws this micro-batch's loop count from.
+            loss = _masked_mean(self.engine(tokens, labels=labels, recurrence_key=(iteration, i)), mask)
             finite = torch.isfinite(loss.detach())
             if self.nan_policy == "skip" and not self._all_finite(finite):
                 self.print(f"warning: non-finite loss at iteration {iteration + 1}; "
@@ -120,14 +121,15 @@ class PipelineStep(_Step):
         send = [(2 * s if self.stage.sends_embeddings else s, b, h)]
         return recv, send
 
-    def _run(self, batches: list[Batch], forward_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, batches: list[Batch], forward_only: bool, iteration: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The schedule over `batches`; (loss sum, micro-batch count) on the last stage, zeros
-        elsewhere, as device tensors."""
+        elsewhere, as device tensors. Each chunk's iterator numbers its micro-batches, so the
+        stage holding the core draws a random recurrence from (iteration, micro-batch) itself."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
-            tokens, labels, mask = next(data_iterator)
-            out = model(tokens, labels=labels if model.post_process else None)
+            i, (tokens, labels, mask) = next(data_iterator)
+            out = model(tokens, labels=labels if model.post_process else None, recurrence_key=(iteration, i))
 
             def loss_func(per_token):  # [b, s] -> masked mean of this micro-batch
                 loss = _masked_mean(per_token, mask)
@@ -137,7 +139,7 @@ class PipelineStep(_Step):
 
         if len(self.chunks) == 1:
             results = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(batches), model=self.chunks,
+                forward_step_func=forward_step, data_iterator=iter(enumerate(batches)), model=self.chunks,
                 num_microbatches=len(batches), seq_length=self.seq_length,
                 micro_batch_size=self.micro_batch_size, forward_only=forward_only,
                 adjust_tensor_shapes_fn=self._adjust_shapes)
@@ -146,7 +148,7 @@ class PipelineStep(_Step):
             # when the embeddings ride along (see pipeline_layout.build_layout).
             seq = self.seq_length * (2 if self.pipeline.embeddings_cross else 1)
             results = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.chunks],
+                forward_step_func=forward_step, data_iterator=[iter(enumerate(batches)) for _ in self.chunks],
                 model=self.chunks, num_microbatches=len(batches), seq_length=seq,
                 micro_batch_size=self.micro_batch_size, forward_only=forward_only)
         total = self._zero()
@@ -155,7 +157,7 @@ class PipelineStep(_Step):
         return total, torch.tensor(float(len(results)), dtype=torch.float64)
 
     def train(self, batches: list[Batch], iteration: int) -> tuple[float, int]:
-        total, count = self._run(batches, forward_only=False)
+        total, count = self._run(batches, forward_only=False, iteration=iteration)
         nonfinite = (~torch.isfinite(total)).double()
         total, count, nonfinite = _world_sum([torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0)
                                               if self.nan_policy == "skip" else total, count, nonfinite],

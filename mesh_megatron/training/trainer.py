@@ -20,11 +20,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mesh_megatron.config import (DataConfig, ExecutionConfig, LoggingConfig, ModelConfig, ParallelConfig,
+from mesh_megatron.config import (DataConfig, ExecutionConfig, LoggingConfig, ModelConfig, ParallelConfig, RecurrenceConfig,
                                   TrainingConfig, gradient_accumulation_steps, to_transformer_config)
 from mesh_megatron.data.sampler import collate
 from mesh_megatron.model import MeshGPTModel
-from mesh_megatron.model.accounting import ParameterCounts, training_flops_per_token
+from mesh_megatron.model.recurrence import describe_recurrence
+from mesh_megatron.model.accounting import (ParameterCounts, expected_flops_per_token, step_flops_per_token,
+                                            training_flops_per_token)
 from mesh_megatron.parallel.deepspeed_config import (describe_gradient_precision, gradient_precision_warning,
                                                      zero_stage)
 from mesh_megatron.training.metrics import StepWindow, Throughput, device_peak, peak_memory_gib
@@ -49,6 +51,7 @@ class RunConfig:
     overwrite_save: bool = False  # --overwrite-save: replace the checkpoints another run left in --save
     exit_duration_in_mins: Optional[float] = None  # save and exit (status 75) after this wall-clock time
     execution: ExecutionConfig = dataclasses.field(default_factory=ExecutionConfig)  # kernels, recompute
+    recurrence: RecurrenceConfig = dataclasses.field(default_factory=RecurrenceConfig)  # loop iterations in training
     num_workers: int = 0  # DataLoader worker processes reading ahead
     distributed_timeout_minutes: int = 10  # --distributed-timeout-minutes: process-group timeout
     preempt_grace_seconds: float = 30.0  # --preempt-grace-seconds: SIGTERM-to-SIGKILL budget planned for
@@ -128,13 +131,14 @@ class Trainer:
             for v in range(self.virtual):
                 self.stage = self.pipeline.stages[v * pp + pp_rank]
                 chunk = MeshGPTModel(self.cfg, tf_config, execution=run.execution, stage=self.stage,
-                                     init_seed=self.train.seed)
+                                     init_seed=self.train.seed, recurrence=run.recurrence)
                 chunk.vp_stage = v if self.virtual > 1 else None
                 chunks.append(chunk)
             model = chunks[0] if self.virtual == 1 else ModelChunks(chunks)
             mark_replicated_parameters(model)
         else:
-            model = MeshGPTModel(self.cfg, tf_config, execution=run.execution, init_seed=self.train.seed)
+            model = MeshGPTModel(self.cfg, tf_config, execution=run.execution, init_seed=self.train.seed,
+                                 recurrence=run.recurrence)
         self.counts = ParameterCounts.of(model)
         # The engine's device (DeepSpeed's accelerator: CUDA when there is one).
         self.fused_adamw = fused_adamw_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -236,10 +240,14 @@ class Trainer:
         self.stopped = None
         seq = self.cfg.seq_length
         accum = gradient_accumulation_steps(t, self.dp_size)
+        tp = self.run.parallel.tensor_model_parallel_size
+        rec_on = self.run.recurrence.is_random or self.run.recurrence.backprop_depth is not None
         self.sinks.print(
             f"model: {self.cfg.variant} {self.cfg.parsed_layout} hidden {self.cfg.hidden_size}, "
             f"{self.counts.total:,} params on this TP rank ({self.counts.non_embedding:,} non-embedding, "
-            f"{self.counts.router:,} router); {self.flops_per_token:,} train FLOPs/token")
+            f"{self.counts.router:,} router); {self.flops_per_token:,} train FLOPs/token"
+            + (f" at K, {expected_flops_per_token(self.cfg, self.run.recurrence, seq, tp):,.0f} expected under "
+               "the recurrence (the log counts each step's executed iterations)" if rec_on else ""))
         self.sinks.print(
             f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x grad-accum {accum} x "
             f"data-parallel {self.dp_size}; {t.global_batch_size * seq:,} tokens/step; "
@@ -261,6 +269,8 @@ class Trainer:
         ex = self.run.execution
         self.sinks.print(f"execution: attention {ex.attention_backend} "
                          f"({', '.join(core_attention_names(self.engine.module))}); recompute {ex.recompute}")
+        if self.run.recurrence.is_random or self.run.recurrence.backprop_depth is not None:
+            self.sinks.print(describe_recurrence(self.run.recurrence, self.cfg.parsed_layout.loops))
         if self.pipelined:
             header = ("pipeline stages (by compute):" if self.virtual == 1 else
                       f"pipeline model chunks (by compute; chunk c runs on pipeline rank c % "
@@ -269,16 +279,20 @@ class Trainer:
         if self.iteration == 0 and t.eval_interval:
             history["valid_loss_start"] = self._log_eval()
         batches = self.train_batches()
+        window_flops = 0.0  # FLOPs per token summed over the window's steps, as executed
         while self.iteration < t.train_iters:
             with window.step():  # only steps count towards tokens/s and MFU
                 loss, skipped = self.train_step(next(batches))
+            window_flops += step_flops_per_token(self.cfg, self.run.recurrence, self.iteration - 1, accum, seq, tp) \
+                if rec_on else self.flops_per_token
             self.sinks.scalars(self.iteration, {"train/step_loss": loss})
             history.setdefault("loss_first", loss)
             history["loss_last"] = loss
             if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
                 elapsed, window_iters, warmup = window.close()
+                executed_fpt, window_flops = window_flops / window_iters, 0.0
                 thr = Throughput.measure(window_iters * t.global_batch_size * seq, elapsed,
-                                         self.flops_per_token, dist.get_world_size(), peak)
+                                         executed_fpt, dist.get_world_size(), peak)
                 lr = self.engine.get_lr()[0]
                 # DeepSpeed reports the norm from its ZeRO/bf16/fp16 optimizers; the plain fp32
                 # optimizer (ZeRO stage 0) clips without keeping it: shown as "-", not logged.
@@ -297,7 +311,8 @@ class Trainer:
                                                     "train/grad_norm": grad_norm,
                                                     "perf/tokens_per_s": thr.tokens_per_s,
                                                     "perf/tflops_per_device": thr.tflops_per_device,
-                                                    "perf/mfu": thr.mfu, "perf/warmup": float(warmup)})
+                                                    "perf/mfu": thr.mfu, "perf/warmup": float(warmup),
+                                                    **({"perf/flops_per_token": executed_fpt} if rec_on else {})})
             if t.eval_interval and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):
                 history["valid_loss"] = self._log_eval()
             if preemption is not None and self.iteration < t.train_iters \

@@ -61,10 +61,15 @@ def test_pp2_equals_pp1(tmp_path, variant):
     # on stage 1 (split 1,5 of 1+2R2+1) so stage 0 sends [h, h_emb] and the embedding's
     # gradient comes back through the pipeline.
     split = ["--pipeline-split", "1,5"] if variant in ("anchor_emb", "mesh") else []
-    one, save1, _ = run(tmp_path, "pp1", 1, ["--variant", variant])
-    two, save2, out = run(tmp_path, "pp2", 2, ["--variant", variant, "--pipeline-model-parallel-size", "2"] + split)
+    # anchor_emb trains with random recurrence and truncated backprop: stage 1 (the core's)
+    # draws each micro-batch's count from (iteration, micro-batch) itself, as PP = 1 does.
+    rec = ["--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "2", "--backprop-depth", "1"] \
+        if variant == "anchor_emb" else []
+    one, save1, _ = run(tmp_path, "pp1", 1, ["--variant", variant] + rec)
+    two, save2, out = run(tmp_path, "pp2", 2, ["--variant", variant, "--pipeline-model-parallel-size", "2"] + split + rec)
     assert "stage 1:" in out[0]
     assert ("sends [h, h_emb]" in out[0]) == bool(split)
+    assert ("recurrence: poisson-lognormal R=2" in out[0]) == bool(rec)
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5, (one, two)
     assert_grad_norms_close(tmp_path / "pp1.jsonl", tmp_path / "pp2.jsonl")

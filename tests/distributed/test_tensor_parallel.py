@@ -40,6 +40,12 @@ def _compare(tmp_path, variant):
     for name, g in ref["grads"].items():
         assert g.shape == tp2["grads"][name].shape, name
         assert (g - tp2["grads"][name]).abs().max() <= 1e-5, (name, _rel_err(tp2["grads"][name], g))
+    if variant == "base":  # random recurrence with truncated backprop (tp_worker): the same at TP = 2
+        assert abs(ref["rr_loss"].item() - tp2["rr_loss"].item()) <= 1e-5
+        assert abs(ref["rr_loss"].item() - ref["loss"].item()) > 1e-3  # 6 iterations are not K = 2's
+        for name, g in ref["rr_grads"].items():
+            assert (g - tp2["rr_grads"][name]).abs().max() <= 1e-5, name
+        assert ref["rr_grads"]["block.core.0.mlp.linear_fc1.weight"].abs().sum() > 0
     if variant.startswith("mesh"):  # the routers are replicated across TP ranks and still learn
         assert any("write_routers" in n for n in ref["grads"])
     return tp2

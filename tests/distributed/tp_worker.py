@@ -73,11 +73,22 @@ def _run(name, cfg, parallel, world, out_dir, backend) -> None:
             torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=tp_group)
             torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=tp_group)
             spread = torch.maximum(spread, (hi - lo).abs().max())
+    extra = {}
+    if name == "base":  # random recurrence (drawn n = 6, last k = 2 with gradient) on every TP rank
+        from mesh_megatron.config import RecurrenceConfig
+
+        model.zero_grad(set_to_none=True)
+        model.block.recurrence = RecurrenceConfig("poisson-lognormal", 3.0, 2, seed=1234)
+        rr_loss = model(inputs, labels=labels, recurrence_key=(0, 2)).mean()
+        rr_loss.backward()
+        extra = {"rr_loss": rr_loss.detach(), "rr_grads": gather_state(
+            {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()},
+            model, tp_group)}
     if torch.distributed.get_rank() == 0:
         from mesh_megatron.model.attention import core_attention_names
 
         torch.save({"logits": logits, "loss": loss.detach(), "grads": grads, "core": core_attention_names(model),
-                    "replicated_spread": spread},
+                    "replicated_spread": spread, **extra},
                    os.path.join(out_dir, f"result_{name}{'' if backend == 'auto' else '_' + backend}_tp{world}.pt"))
 
 

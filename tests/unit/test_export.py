@@ -298,8 +298,12 @@ def test_round_trip_export_import_export_is_identical(megatron_single, tmp_path)
     """Also: a MeSH trained with --mesh-router-init base records it in the export's config and
     the imported checkpoint's ModelConfig (the exported forward does not read it)."""
     rinit = dict(mesh_router_init="base", mesh_router_margin=6.0)
-    for variant in ("mesh", "vanilla", "learned", "mesh-rinit"):
-        cfg = tiny("mesh", **rinit) if variant == "mesh-rinit" else tiny(variant)
+    shared = dict(mesh_routers="shared", mesh_step_embedding=True)
+    inject = dict(input_injection="concat-adapter", state_init="noise")
+    for variant in ("mesh", "vanilla", "learned", "mesh-rinit", "mesh-shared", "base-inject"):
+        cfg = tiny("mesh", **rinit) if variant == "mesh-rinit" else \
+            tiny("mesh", **shared) if variant == "mesh-shared" else \
+            tiny("base", **inject) if variant == "base-inject" else tiny(variant)
         save_like_training(tmp_path / variant / "ckpt", cfg, random_model(cfg).state_dict())
         first, again = tmp_path / variant / "hf1", tmp_path / variant / "hf2"
         export_to_hf(str(tmp_path / variant / "ckpt"), str(first), progress=False)
@@ -314,6 +318,32 @@ def test_round_trip_export_import_export_is_identical(megatron_single, tmp_path)
             assert (c1["mesh_router_init"], c1["mesh_router_margin"]) == ("base", 6.0)
             imported = open_checkpoint(str(tmp_path / variant / "ckpt2")).model
             assert (imported.mesh_router_init, imported.mesh_router_margin) == ("base", 6.0)
+
+
+def test_exported_shared_mesh_equals_training_model_at_any_depth(megatron_single, tmp_path):
+    """mesh with shared routers and a step embedding, exported from K = 2: the HF model at
+    num_loops N = 1, K, 2K equals the training model built with layout 1+2R{N}+1 holding the
+    same weights (no weight depends on K once mesh_slots is fixed: its default K + 3 is not),
+    and the config records the routers."""
+    cfg = tiny("mesh", mesh_routers="shared", mesh_step_embedding=True, mesh_slots=5)
+    model = random_model(cfg)
+    with torch.no_grad():
+        model.block.state_passing.step_embedding.normal_(0.0, 1.0)
+    save_like_training(tmp_path / "ckpt", cfg, model.state_dict())
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (saved["mesh_routers"], saved["mesh_step_embedding"]) == ("shared", True)
+    hf = load_hf(tmp_path / "hf")
+    ids = token_ids()
+    outs = []
+    for n in (1, 2, 4):
+        deep = MeshGPTModel(dataclasses.replace(cfg, layout=f"1+2R{n}+1"), to_transformer_config(cfg)).eval()
+        deep.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            ref, got = deep(ids), hf(ids, num_loops=n).logits
+        assert rel_err(got, ref) <= 1e-5, n
+        outs.append(got)
+    assert rel_err(outs[0], outs[2]) > 1e-2  # the depth changes the output
 
 
 # -----------------------------------------------------------------------------
@@ -651,3 +681,35 @@ def test_svd_import_full_rank_reproduces_pythia_and_kept_fraction_matches(megatr
     A, B = (state[f"block.core.1.mlp.linear_fc1.lora_{x}"][1].double() for x in "AB")
     u, s, vh = torch.linalg.svd(residual, full_matrices=False)
     torch.testing.assert_close(2.0 * B @ A, (u[:, :2] * s[:2]) @ vh[:2], rtol=0, atol=1e-5)
+
+
+def test_depth_sweep_writes_its_table_and_plot(megatron_single, tmp_path, capsys):
+    """tools/eval_lm.py --num-loops 1,2,4 on a tiny base export: one perplexity per depth (the
+    trained K's equals the plain perplexity), the table printed, the plot and JSON written."""
+    import sys
+
+    from mesh_megatron.data.embedded import embedded_prefix, prepare_embedded_dataset
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import eval_lm
+
+    cfg = tiny("base")
+    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
+    cache = str(tmp_path / "cache")
+    prepare_embedded_dataset(cache)
+    common = ["--model-dir", str(tmp_path / "hf"), "--perplexity-data", embedded_prefix(cache),
+              "--perplexity-samples", "4", "--perplexity-batch-size", "4", "--data-cache-dir", cache]
+    out = tmp_path / "sweep.json"
+    assert eval_lm.main(common + ["--num-loops", "1,2,4", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| num_loops | loss | perplexity |" in printed and "depth sweep (trained K = 2)" in printed
+    result = json.loads(out.read_text())["perplexity"]
+    assert [d["num_loops"] for d in result["depths"]] == [1, 2, 4]
+    assert result["depths"][1]["loss"] == result["loss"]
+    assert len({d["loss"] for d in result["depths"]}) == 3
+    assert (tmp_path / "sweep_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert eval_lm.main(common + ["--num-loops", "1,x"]) == 2
+    assert "pass comma-separated integers" in capsys.readouterr().err
+    assert eval_lm.main(common + ["--num-loops", "1,2"]) == 2
+    assert "writes a plot: pass --plot" in capsys.readouterr().err

@@ -345,3 +345,92 @@ def test_save_and_load_with_remote_code(tmp_path, monkeypatch, variant):
     ids = random_ids()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+# -----------------------------------------------------------------------------
+# test-time depth: num_loops, the per-iteration KV cache, the compressed cache, the early exit
+
+SHARED = dict(state_passing="mesh", mesh_routers="shared", mesh_step_embedding=True, mesh_slots=8,
+              initializer_range=0.2)
+
+
+def depth_model(kind):
+    model = tiny_model(**(SHARED if kind == "mesh-shared" else dict(state_passing=kind, initializer_range=0.2)))
+    if kind == "mesh-shared":
+        with torch.no_grad():
+            model.gpt_neox.mesh.step_embedding.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["base", "mesh-shared"])
+def test_num_loops_changes_the_output_and_k_is_the_default(kind):
+    model = depth_model(kind)
+    ids = random_ids()
+    with torch.no_grad():
+        default = model(ids).logits
+        assert torch.equal(model(ids, num_loops=2).logits, default)  # K = 2
+        deeper = model(ids, num_loops=6, output_hidden_states=True)
+    assert rel_err(deeper.logits, default) > 1e-2
+    assert len(deeper.hidden_states) == 6 + 4
+
+
+@pytest.mark.parametrize("kind", ["base", "mesh-shared"])
+@pytest.mark.parametrize("n", [1, 2, 6])  # 1, K, 3K
+def test_cached_generation_equals_uncached_at_every_depth(kind, n):
+    """The cache keeps one entry per iteration executed (P + C N + Q), so it follows N."""
+    model = depth_model(kind)
+    ids = random_ids(batch=1, seq=7)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True,
+                             num_loops=n, return_dict_in_generate=True)
+        uncached = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=False,
+                                  num_loops=n)
+    assert torch.equal(out.sequences, uncached)
+    assert len(out.cache.layers) == 1 + 2 * n + 1
+
+
+def test_per_step_weights_refuse_a_deeper_forward():
+    for overrides in (dict(state_passing="mesh"), dict(state_passing="learned")):
+        with pytest.raises(ValueError, match="runs 1..2 iterations"):
+            tiny_model(**overrides)(random_ids(), num_loops=3)
+    tiny_model(state_passing="mesh")(random_ids(), num_loops=1)  # shallower: the first routers
+
+
+def test_compressed_cache():
+    """cache_iterations=M: P + C M + Q entries at any N, finite generation; M >= N is the full cache."""
+    model = depth_model("mesh-shared")
+    ids = random_ids(batch=1, seq=7)
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, use_cache=True, num_loops=6,
+              return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        full = model.generate(ids, **kw)
+        same = model.generate(ids, cache_iterations=6, **kw)
+        small = model.generate(ids, cache_iterations=2, **kw)
+    assert torch.equal(same.sequences, full.sequences)
+    assert len(small.cache.layers) == 1 + 2 * 2 + 1
+    assert all(torch.isfinite(x).all() for x in small.logits)
+    # the prompt's forward writes each reused entry once per iteration: its logits are the full cache's
+    assert torch.equal(small.logits[0], full.logits[0])
+
+
+def test_early_exit_threshold_zero_is_the_full_computation():
+    """exit_threshold 0 never exits (KL >= 0): tokens and logits equal plain generation, through
+    the probe's coda runs that overwrite their cache entries. A huge threshold exits every row
+    after the second iteration: finite logits, later entries repeated (the cache keeps its
+    shape). Red check: appending the probe's coda entries instead of overwriting them breaks
+    the threshold-0 equality."""
+    model = depth_model("mesh-shared")
+    ids = random_ids(batch=2, seq=7)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=True, num_loops=6,
+              return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        full = model.generate(ids, **kw)
+        zero = model.generate(ids, exit_threshold=0.0, **kw)
+        assert not model.gpt_neox.exit_mask.any()
+        eager = model.generate(ids, exit_threshold=1e9, **kw)
+        assert model.gpt_neox.exit_mask.all()
+    assert torch.equal(zero.sequences, full.sequences)
+    assert all(rel_err(a, b) <= 1e-6 for a, b in zip(zero.logits, full.logits))
+    assert all(torch.isfinite(x).all() for x in eager.logits)
+    assert all(layer.get_seq_length() == 7 + 7 for layer in eager.cache.layers)
+    assert not all(torch.equal(a, b) for a, b in zip(eager.logits, full.logits))

@@ -293,3 +293,19 @@ def test_state_rms_at_init_equals_the_training_model_and_the_uniform_router_pred
     predicted = rms((seen["h_emb"] + seen["h_pre"]) / B).mean().item()
     assert abs(probed["h0"] - predicted) <= bound
     assert bound < 0.25 * predicted  # near uniform: h0 is about (h_emb + h_pre) / B
+
+
+def test_probe_at_another_depth(megatron_single, tmp_path):
+    """--num-loops N probes N loop states (shared MeSH routers: N + 1 router steps, each one's
+    weights the routers' output at that step); per-step weights refuse N > K."""
+    cfg = tiny("mesh", mesh_routers="shared", mesh_step_embedding=True, mesh_slots=5)
+    save_like_training(tmp_path / "ckpt", cfg, random_model(cfg).state_dict())
+    result = run_probe(str(tmp_path / "ckpt"), ProbeSettings(num_loops=4, **SMALL))
+    check_result(result, 7, routers=True)
+    assert result["states"] == ["h_emb", "h0", "h_1", "h_2", "h_3", "h_4", "h_out"]
+    assert len(result["routers"]["write"]) == 5 and result["model"]["trained_num_loops"] == 2
+    assert result["model"]["layout"] == "1+2R4+1"
+    per_step = tiny("mesh")
+    save_like_training(tmp_path / "ps", per_step, random_model(per_step).state_dict())
+    with pytest.raises(ConfigError, match="runs 1..2 loop iterations"):
+        run_probe(str(tmp_path / "ps"), ProbeSettings(num_loops=3, **SMALL))

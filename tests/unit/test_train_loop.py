@@ -191,6 +191,54 @@ def test_tokens_per_s_and_mfu_count_training_steps_only(trainers, monkeypatch):
     assert any("H100 SXM" in line and "989 TFLOP/s" in line for line in lines)
 
 
+def test_mfu_counts_the_iterations_each_step_executed(trainers, monkeypatch):
+    """Under a random recurrence the logged TFLOP/s and MFU count what each step ran: the mean
+    over the window's steps (here one per window) of the mean over its micro-batches of the FLOPs at that
+    micro-batch's drawn (n, min(n, k)), and the record carries that FLOPs/token. Red check
+    (measured with 2-step windows): the fixed count (trainer.flops_per_token) logged 3,390,720
+    FLOPs/token where the window executed 3,845,184."""
+    import dataclasses
+    import types
+
+    from mesh_megatron.config import RecurrenceConfig
+    from mesh_megatron.model.accounting import flops_per_token
+    from mesh_megatron.model.recurrence import draw_iterations
+    from mesh_megatron.training import trainer as trainer_module
+    from mesh_megatron.training.metrics import CARDS, Peak
+
+    trainer, run = trainers("examples/zero1.json")
+    now = [0.0]
+
+    def step(batches, iteration):
+        now[0] += 1.0
+        return 2.0, 0
+
+    h100 = Peak(next(c for c in CARDS if c.name == "H100 SXM"), "bf16", 989e12)
+    monkeypatch.setattr(trainer_module, "device_peak", lambda precision: h100)
+    monkeypatch.setattr(trainer_module.torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(trainer, "clock", lambda: now[0])
+    monkeypatch.setattr(trainer, "train_batches", lambda: iter(lambda: [], None))
+    monkeypatch.setattr(trainer.step, "train", step)
+    rec = RecurrenceConfig("poisson-lognormal", 3.0, 2, seed=5)
+    monkeypatch.setattr(trainer, "run", dataclasses.replace(trainer.run, recurrence=rec))
+    records = []
+    monkeypatch.setattr(trainer.sinks, "print", lambda line: None)
+    monkeypatch.setattr(trainer.sinks, "scalars", lambda step, values: records.append(values))
+    start = trainer.iteration
+    monkeypatch.setattr(trainer, "train", dataclasses.replace(
+        trainer.train, train_iters=start + 4, log_interval=1, eval_interval=0, save_interval=None))
+    trainer.fit(types.SimpleNamespace(save_dir=None))
+    perf = [r for r in records if "perf/tokens_per_s" in r]
+    assert len(perf) == 4  # one window per step
+    tokens_per_step = run.train.global_batch_size * run.model.seq_length
+    for w, r in enumerate(perf):
+        draws = [draw_iterations(3.0, 5, start + w, i) for i in range(ACCUM)]
+        executed = sum(flops_per_token(run.model, iterations=n, with_grad=min(n, 2)) for n in draws) / len(draws)
+        assert r["perf/flops_per_token"] == pytest.approx(executed, rel=1e-12)
+        assert r["perf/mfu"] == pytest.approx(tokens_per_step * executed / 989e12, rel=1e-12)
+    assert len({r["perf/flops_per_token"] for r in perf}) > 1  # the steps drew different counts
+
+
 @pytest.mark.parametrize("device,card,bf16", [
     ("NVIDIA H100 80GB HBM3", "H100 SXM", 989e12), ("NVIDIA H100 PCIe", "H100 PCIe", 756e12),
     ("NVIDIA H100 NVL", "H100 NVL", 835e12), ("NVIDIA H200", "H200 SXM", 989e12),
