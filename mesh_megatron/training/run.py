@@ -165,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     trainer = None
     claim = None
     # From here SIGTERM/SIGINT (and --exit-duration-in-mins) mean: finish the step, save, exit 75.
-    preemption = Preemption(run.exit_duration_in_mins, process_start_time()).install()
+    preemption = Preemption(run.exit_duration_in_mins, process_start_time(), run.preempt_grace_seconds).install()
     try:
         if run.train.save:  # one run per --save (checkpoint/claim.py), before anything is built
             claim, refusal = _claim_save(run, dist.get_rank() == 0)
