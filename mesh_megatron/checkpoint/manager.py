@@ -56,7 +56,9 @@ _TAG_RE = re.compile(r"^iter_(\d{7})$")
 #   kill_torn_tokenizer    the tokenizer copy is half written
 #   kill_before_latest     the tag is complete (marker removed), `latest` not yet moved
 # and, outside saves (training/preemption.py): sigterm_after_step:I (after step I) and
-# sigterm_in_step:I.J (during step I, once micro-batch J of it is done; plain steps only).
+# sigterm_in_step:I.J (during step I, once micro-batch J of it is done; plain steps only), and
+# slow_micro_batch:SECONDS (every rank sleeps that long after each micro-batch of a step but
+# its last: a step as long as a real model's, on a tiny one).
 FAULT_ENV = "MESH_MEGATRON_FAULT"
 _ALIASES = {"kill_during_save": "kill_after_files"}
 
@@ -68,6 +70,15 @@ def fault(point: str, iteration) -> None:
         if _ALIASES.get(name, name) == point and it == str(iteration) \
                 and int(rank[0] if rank else 0) == dist.get_rank():
             os.kill(os.getpid(), signal.SIGTERM if point.startswith("sigterm") else signal.SIGKILL)
+
+
+def fault_seconds(point: str) -> float:
+    """The SECONDS of a "POINT:SECONDS" test hook in FAULT_ENV, 0 when there is none."""
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        name, value = (spec.split(":") + [""])[:2]
+        if name == point:
+            return float(value)
+    return 0.0
 
 
 def _faulted(point: str, iteration: int) -> bool:

@@ -40,6 +40,7 @@ class Preemption:
         self.received: Optional[int] = None
         self.received_at: Optional[float] = None  # time.monotonic() of the first signal
         self.cut_at = None  # (step, micro-batches done, of, seconds since the signal) of a cut step
+        self.first_signal_at: Optional[float] = None  # time.monotonic() of the earliest signal on any rank
         self._previous = {}
 
     def install(self) -> "Preemption":
@@ -70,25 +71,37 @@ class Preemption:
         fault("sigterm_after_step", iteration)
         timed_out = self.budget_s is not None and time.time() - self.start >= self.budget_s
         local = 1 if self.received is not None else 2 if timed_out else 0
-        flag, step_s, save_s = _max_over_ranks([local, step_s, save_s or 0.0])
+        flag, step_s, save_s, age = _max_over_ranks([local, step_s, save_s or 0.0, self._signal_age()])
+        self._agreed(age)
         self.plan.observe(step_s, save_s)
         return _REASONS[int(flag)]
+
+    def _signal_age(self) -> float:
+        """Seconds since this rank's signal, -1 without one. The caller MAX-reduces it: the
+        earliest signal of any rank, remembered in `first_signal_at` (this rank's clock)."""
+        return time.monotonic() - self.received_at if self.received_at is not None else -1.0
+
+    def _agreed(self, age: float) -> float:
+        if age >= 0 and self.first_signal_at is None:
+            self.first_signal_at = time.monotonic() - age
+        return age
 
     def boundary_check(self, iteration: int, accum: int) -> Optional[Callable[[int], bool]]:
         """For the step after `iteration` (of `accum` micro-batches, not pipelined): None when it
         is not checked, else a callable the step calls after each micro-batch but the last with
         how many are done; True: cut the step there (every rank returns the same)."""
-        from mesh_megatron.checkpoint.manager import FAULT_ENV, fault
+        from mesh_megatron.checkpoint.manager import FAULT_ENV, fault, fault_seconds
 
         if self.plan.interval(accum) is None and not os.environ.get(FAULT_ENV):
             return None
+        slow = fault_seconds("slow_micro_batch")
 
         def check(done: int) -> bool:
-            fault("sigterm_in_step", f"{iteration + 1}.{done}")  # test hook: SIGTERM at micro-batch DONE
+            time.sleep(slow)  # test hooks: a long step, SIGTERM at micro-batch DONE
+            fault("sigterm_in_step", f"{iteration + 1}.{done}")
             if not self.plan.checks_at(done, accum):
                 return False
-            age = time.monotonic() - self.received_at if self.received_at is not None else -1.0
-            age, = _max_over_ranks([age])  # the earliest signal of any rank
+            age = self._agreed(_max_over_ranks([self._signal_age()])[0])  # the earliest signal of any rank
             if self.plan.cut(age, done, accum):
                 self.cut_at = (iteration + 1, done, accum, age)
                 return True

@@ -1,7 +1,8 @@
 """One optimizer step and one evaluation pass, in two strategies:
 
     PlainStep     per micro-batch: engine(tokens) -> masked mean -> engine.backward -> engine.step
-                  (DeepSpeed accumulates and steps at the boundary; ZeRO reduces in its hooks)
+                  (DeepSpeed accumulates and steps at the boundary; ZeRO reduces in its hooks);
+                  a preemption may stop it between micro-batches (training/grace.py)
     PipelineStep  megatron-core's 1F1B (or interleaved) schedule runs every micro-batch's
                   forward and backward; DeepSpeed then reduces and steps once (under bf16
                   its per-parameter hooks add each micro-batch's gradient into fp32 buffers
