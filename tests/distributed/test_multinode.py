@@ -126,6 +126,8 @@ def test_srun_ranks_per_node_caches_data_path_preemption_and_resume(tmp_path):
       corrupted   a flipped byte in rank 1's shard: the resume stops with one line on every rank
       resumed     the shard restored, the index caches in a shared --data-cache-dir this time:
                   steps 2 and 3 with the reference's losses and grad norms
+      node-local  --load ckpt, relative: another directory with another `latest` on each node:
+      --load      rank 0's tag is missing on rank 1, every rank stops with one line
     """
     nodes = node_dirs(tmp_path)
     tokenizer = make_dataset(tmp_path, nodes)
@@ -182,6 +184,23 @@ def test_srun_ranks_per_node_caches_data_path_preemption_and_resume(tmp_path):
     assert losses_and_norms(tmp_path / "resumed.jsonl") == reference[1:]
     assert len(list(shared_cache.rglob("*shuffle_index.npy"))) == 1  # the shared cache: one copy, complete
     assert not list(shared_cache.rglob("*.tmp-*"))
+
+    # The issue's deadlock: a relative --load that is a different directory on each node, each
+    # with its own `latest` (node 0: the reference's iter_0000003, node 1: iter_0000001 only).
+    # Rank 0 decides the tag; rank 1 cannot see it: every rank stops with one line, no hang.
+    import shutil
+
+    shutil.copytree(tmp_path / "ref_save", nodes[0] / "ckpt")
+    shutil.copytree(save, nodes[1] / "ckpt", ignore=shutil.ignore_patterns("iter_0000002", "iter_0000003"))
+    (nodes[1] / "ckpt" / "latest").write_text("iter_0000001")
+    rcs, outs = run_nodes(envs, cwds, args + ["--load", "ckpt", "--save", str(tmp_path / "new_save")],
+                          name="node_local_load")
+    assert rcs == [2, 2], outs
+    for out in outs:
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "rank 0 resumes from iter_0000003, but at " in errors[0], out
+        assert str(nodes[1] / "ckpt" / "iter_0000003") in errors[0] and "must be visible to every node" in errors[0]
+        assert "iter " not in out  # stopped before any training
 
 
 def test_unwritable_cache_on_one_node_stops_every_rank(tmp_path):
