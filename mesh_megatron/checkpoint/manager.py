@@ -55,17 +55,30 @@ _TAG_RE = re.compile(r"^iter_(\d{7})$")
 #   kill_after_files       all DeepSpeed files written (alias: kill_during_save), no tokenizer yet
 #   kill_torn_tokenizer    the tokenizer copy is half written
 #   kill_before_latest     the tag is complete (marker removed), `latest` not yet moved
+# and, outside saves (training/preemption.py): sigterm_after_step:I (after step I) and
+# sigterm_in_step:I.J (during step I, once micro-batch J of it is done; plain steps only), and
+# slow_micro_batch:SECONDS (every rank sleeps that long after each micro-batch of a step but
+# its last: a step as long as a real model's, on a tiny one).
 FAULT_ENV = "MESH_MEGATRON_FAULT"
 _ALIASES = {"kill_during_save": "kill_after_files"}
 
 
-def fault(point: str, iteration: int) -> None:
-    """Fire the test hook of FAULT_ENV if it names this point, iteration and rank."""
+def fault(point: str, iteration) -> None:
+    """Fire the test hook of FAULT_ENV if it names this point, iteration (or "STEP.MICRO") and rank."""
     for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         name, it, *rank = spec.split(":")
-        if _ALIASES.get(name, name) == point and int(it) == iteration \
+        if _ALIASES.get(name, name) == point and it == str(iteration) \
                 and int(rank[0] if rank else 0) == dist.get_rank():
             os.kill(os.getpid(), signal.SIGTERM if point.startswith("sigterm") else signal.SIGKILL)
+
+
+def fault_seconds(point: str) -> float:
+    """The SECONDS of a "POINT:SECONDS" test hook in FAULT_ENV, 0 when there is none."""
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        name, value = (spec.split(":") + [""])[:2]
+        if name == point:
+            return float(value)
+    return 0.0
 
 
 def _faulted(point: str, iteration: int) -> bool:
@@ -329,7 +342,7 @@ class CheckpointManager:
     def save(self, engine, iteration: int, model: ModelConfig, client_state: dict[str, Any]) -> str:
         """Collective. After it, `hashed_by_rank` holds what each rank hashed (its own files)
         and `last_save_s` the wall time of this save on this rank."""
-        start = time.monotonic()
+        start, self.last_save_s = time.monotonic(), None  # stays None when the save is skipped
         tag = tag_for(iteration)
         go = [self._prepare(tag) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(go, src=0)  # also orders the marker before every rank's files

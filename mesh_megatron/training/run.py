@@ -165,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     trainer = None
     claim = None
     # From here SIGTERM/SIGINT (and --exit-duration-in-mins) mean: finish the step, save, exit 75.
-    preemption = Preemption(run.exit_duration_in_mins, process_start_time()).install()
+    preemption = Preemption(run.exit_duration_in_mins, process_start_time(), run.preempt_grace_seconds).install()
     try:
         if run.train.save:  # one run per --save (checkpoint/claim.py), before anything is built
             claim, refusal = _claim_save(run, dist.get_rank() == 0)
@@ -198,8 +198,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if trainer.stopped:
             where = f"saved in {run.train.save}; continue with --load {run.train.save}" if run.train.save \
                 else "nothing saved (no --save)"
-            since = f", {time.monotonic() - preemption.received_at:.1f} s after the signal" \
-                if preemption.received_at is not None else ""
+            first = preemption.first_signal_at  # the earliest signal of any rank
+            since = f", {time.monotonic() - first:.1f} s after the first rank's signal" if first is not None else ""
             trainer.sinks.print(f"exiting with status {EXIT_PREEMPTED} at iteration {trainer.iteration}{since}: {where}")
             return EXIT_PREEMPTED
         if run.train.sample_tokens and run.parallel.pipeline_model_parallel_size > 1:

@@ -1,7 +1,8 @@
 """One optimizer step and one evaluation pass, in two strategies:
 
     PlainStep     per micro-batch: engine(tokens) -> masked mean -> engine.backward -> engine.step
-                  (DeepSpeed accumulates and steps at the boundary; ZeRO reduces in its hooks)
+                  (DeepSpeed accumulates and steps at the boundary; ZeRO reduces in its hooks);
+                  a preemption may stop it between micro-batches (training/grace.py)
     PipelineStep  megatron-core's 1F1B (or interleaved) schedule runs every micro-batch's
                   forward and backward; DeepSpeed then reduces and steps once (under bf16
                   its per-parameter hooks add each micro-batch's gradient into fp32 buffers
@@ -24,7 +25,7 @@ micro-batch (plain path only; the pipeline path zeroes the step's gradients inst
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -64,8 +65,11 @@ class _Step:
 
 
 class PlainStep(_Step):
-    def train(self, batches: list[Batch], iteration: int) -> tuple[float, int]:
-        """One optimizer step over this rank's micro-batches; (mean loss, skipped micro-batches)."""
+    def train(self, batches: list[Batch], iteration: int,
+              boundary: Optional[Callable[[int], bool]] = None) -> Optional[tuple[float, int]]:
+        """One optimizer step over this rank's micro-batches; (mean loss, skipped micro-batches).
+        `boundary(done)`, asked after each micro-batch but the last: True stops there and
+        returns None, the step unfinished (the caller discards it: training/grace.py)."""
         self.engine.train()
         total, count, nonfinite, skipped = self._zero(), self._zero(), self._zero(), 0
         for i, (tokens, labels, mask) in enumerate(batches):
@@ -85,6 +89,8 @@ class PlainStep(_Step):
                 stats = _world_sum([total, count, nonfinite], self.device)
                 loss_mean, skipped = self._finish(iteration, *stats, skipped)
             self.engine.step()
+            if boundary is not None and i < len(batches) - 1 and boundary(i + 1):
+                return None
         return loss_mean, skipped
 
     def _all_finite(self, finite: torch.Tensor) -> bool:

@@ -159,6 +159,7 @@ class Trainer:
         else:
             self.step = PlainStep(self.engine, self.train.nan_policy, self.sinks.print)
         self._valid_batches = None
+        self._saves_timed = 0
         self.iteration = 0
         self.clock = time.perf_counter  # times the steps for tokens/s and MFU (a test swaps it)
 
@@ -176,11 +177,27 @@ class Trainer:
         finally:
             steps.close()
 
-    def train_step(self, batches: list[Batch]) -> tuple[float, int]:
-        """One optimizer step (training/steps.py); (mean loss, skipped micro-batches)."""
-        loss, skipped = self.step.train(batches, self.iteration)
+    def train_step(self, batches: list[Batch], preemption=None) -> Optional[tuple[float, int]]:
+        """One optimizer step (training/steps.py); (mean loss, skipped micro-batches), or None
+        when `preemption` cut it at a micro-batch boundary: then nothing of it is kept
+        (training/grace.py: gradients dropped, engine counter and RNG states put back)."""
+        boundary = None if preemption is None or self.pipelined \
+            else preemption.boundary_check(self.iteration, len(batches))
+        cuttable = boundary is not None and preemption.plan.interval(len(batches)) is not None
+        if cuttable:
+            rng, micro_steps = _rng_state(), self.engine.micro_steps
+        if boundary is None:
+            out = self.step.train(batches, self.iteration)
+        else:
+            out = self.step.train(batches, self.iteration, boundary)
+        if out is None:
+            from mesh_megatron.training.grace import discard_partial_step
+
+            discard_partial_step(self.engine, micro_steps)
+            _set_rng_state(rng)
+            return None
         self.iteration += 1
-        return loss, skipped
+        return out
 
     def evaluate(self) -> float:
         """Mean validation loss over the same held-out micro-batches every time."""
@@ -234,8 +251,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self, checkpoints, preemption=None) -> dict[str, float]:
-        """Train to --train-iters; with `preemption` (training/preemption.py) stop early, after a
-        whole step and on every rank together, and save there (`self.stopped` says why)."""
+        """Train to --train-iters; with `preemption` (training/preemption.py) stop early, on every
+        rank together, after a whole step or (a step too long for the grace period) at a
+        micro-batch boundary with that step discarded, and save there (`self.stopped` says why)."""
         t = self.train
         self.stopped = None
         seq = self.cfg.seq_length
@@ -280,9 +298,17 @@ class Trainer:
             history["valid_loss_start"] = self._log_eval()
         batches = self.train_batches()
         window_flops = 0.0  # FLOPs per token summed over the window's steps, as executed
+        step_s = 0.0
         while self.iteration < t.train_iters:
+            started = time.monotonic()
             with window.step():  # only steps count towards tokens/s and MFU
-                loss, skipped = self.train_step(next(batches))
+                out = self.train_step(next(batches), preemption)
+            if out is None:  # cut at a micro-batch boundary by a signal (training/grace.py)
+                self.stopped = "signal"
+                self.sinks.print(preemption.describe_cut())
+                break
+            loss, skipped = out
+            step_s = time.monotonic() - started
             window_flops += step_flops_per_token(self.cfg, self.run.recurrence, self.iteration - 1, accum, seq, tp) \
                 if rec_on else self.flops_per_token
             self.sinks.scalars(self.iteration, {"train/step_loss": loss})
@@ -316,7 +342,7 @@ class Trainer:
             if t.eval_interval and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):
                 history["valid_loss"] = self._log_eval()
             if preemption is not None and self.iteration < t.train_iters \
-                    and (reason := preemption.should_stop(self.iteration)):
+                    and (reason := preemption.should_stop(self.iteration, step_s, checkpoints.last_save_s)):
                 self.stopped = reason
                 self.sinks.print(f"{preemption.describe(reason)} after iteration {self.iteration}: saving")
                 break
@@ -324,7 +350,7 @@ class Trainer:
                 break
             if checkpoints.save_dir and t.save_interval and self.iteration % t.save_interval == 0 \
                     and self.iteration != t.train_iters:
-                self._save(checkpoints)
+                self._save(checkpoints, step_s)
         if ex.recompute != "none":
             from mesh_megatron.model.recursive_block import RecursiveBlock
 
@@ -332,7 +358,7 @@ class Trainer:
             self.sinks.print(f"recompute {ex.recompute}: {reruns} block forwards rerun in backward on rank 0")
         batches.close()  # stops the read-ahead thread (StepsAhead)
         if checkpoints.save_dir:
-            self._save(checkpoints)
+            self._save(checkpoints, step_s)
         return history
 
     def _log_eval(self) -> float:
@@ -342,12 +368,12 @@ class Trainer:
         self.sinks.scalars(self.iteration, {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50))})
         return loss
 
-    def _save(self, checkpoints) -> None:
-        first = checkpoints.last_save_s is None
+    def _save(self, checkpoints, step_s: float = 0.0) -> None:
         tag = checkpoints.save(self.engine, self.iteration, self.cfg, self.client_state())
         if checkpoints.last_save_s is None:  # already saved at this iteration (skipped)
             self.sinks.print(f"saved checkpoint {checkpoints.save_dir}/{tag}")
             return
+        first, self._saves_timed = not self._saves_timed, self._saves_timed + 1
         hashed = ", ".join(f"rank {r}: {len(part)}" for r, part in enumerate(checkpoints.hashed_by_rank))
         size = sum(e["size"] for part in checkpoints.hashed_by_rank for e in part.values())
         self.sinks.print(f"saved checkpoint {checkpoints.save_dir}/{tag} in {checkpoints.last_save_s:.1f} s "
@@ -360,6 +386,13 @@ class Trainer:
                 f"{grace:g}: a SIGTERM would be followed by SIGKILL before its save finished (the previous "
                 "checkpoint survives, the steps since are lost); give the job a longer grace period (Slurm: "
                 "--signal=TERM@SECONDS, KillWait) and pass it as --preempt-grace-seconds")
+        elif first and self.pipelined and step_s + checkpoints.last_save_s > grace:
+            self.sinks.print(
+                f"warning: a step ({step_s:.1f} s) and a save ({checkpoints.last_save_s:.1f} s) take longer than "
+                f"--preempt-grace-seconds {grace:g}, and under pipeline parallelism a step is not cut at a "
+                "micro-batch after SIGTERM (megatron-core's schedule runs it whole): a SIGTERM late in a step "
+                "would be followed by SIGKILL before its save finished; give the job a longer grace period "
+                "(Slurm: --signal=TERM@SECONDS, KillWait) and pass it as --preempt-grace-seconds")
 
     def close(self) -> None:
         self.sinks.close()

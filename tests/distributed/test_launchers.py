@@ -120,5 +120,6 @@ def test_two_node_rehearsal_on_one_machine(reference, tmp_path):
             e[name] = ""
     launch_with_retry(agents, envs=envs, cwds=[str(d) for d in nodes])
     assert_same(reference, tmp_path, "two_nodes")
-    for d in nodes:
+    for d in nodes:  # each node built the embedded corpus and its index caches under its own HOME
+        assert any((d / "home" / ".cache" / "mesh_megatron" / "embedded").glob("*.idx")), d
         assert any((d / "home" / ".cache" / "mesh_megatron" / "indices").glob("*shuffle_index.npy")), d

@@ -1,8 +1,10 @@
 """Many nodes on one machine: each rank plays a node with its own HOME (so its own ~/.cache) and
 its own working directory, as on a cluster with node-local disks.
 
-  - srun without a launcher (only SLURM_* and MASTER_* set), per-node caches: both "nodes"
-    build their embedded corpus and index caches and train together as 2 data-parallel ranks;
+  - srun without a launcher (only SLURM_* and MASTER_* set), a --data-path dataset (node-local
+    copies), per-node caches: both "nodes" build their index caches and train together as 2
+    data-parallel ranks; preempted by SIGTERM in the middle of a long accumulated step, they
+    resume from the shared --save to the uninterrupted run's losses and grad norms;
   - a node whose cache cannot be written: every rank stops with one line naming the directory;
   - a relative --save from different working directories (node-local): refused at start on
     every rank;
@@ -13,6 +15,8 @@ Every launch has a timeout far below the process-group timeout (--distributed-ti
 where a rank could wait): a hang fails the test instead of stalling the suite.
 """
 
+import importlib.util
+import json
 import os
 import re
 import time
@@ -75,43 +79,124 @@ def slurm(rank: int, ntasks: int = 2, localid: int = 0) -> dict[str, str]:
             "SLURM_NODEID": str(rank), "SLURM_JOB_ID": "17"}
 
 
-def test_srun_ranks_per_node_caches_preemption_and_shared_hashing(tmp_path):
-    """Only SLURM_* (no RANK/WORLD_SIZE/LOCAL_RANK): 2 ranks of one run; each node builds its own
-    embedded corpus and index caches under its own HOME; --save on shared storage. SIGTERM after
-    step 2 of 4: exit 75 on both ranks with a checkpoint whose files were hashed by the ranks
-    that wrote them (ZeRO-2: rank 0 its model states and optimizer shard, rank 1 its shard),
-    and a warning that it took longer than --preempt-grace-seconds; a corrupted shard of rank
-    1 is still caught when the run resumes."""
+def make_dataset(tmp_path, nodes) -> str:
+    """A --data-path dataset made by tools/preprocess_data.py (its main, in this process), copied to the same relative path
+    under every node's working directory (node-local copies of the same files)."""
+    import json
+    import shutil
+
+    from mesh_megatron.data.embedded import EMBEDDED_CORPUS, EMBEDDED_TOKENIZER_MODEL
+
+    source = tmp_path / "corpus.jsonl"
+    with open(EMBEDDED_CORPUS, encoding="utf-8") as docs, open(source, "w", encoding="utf-8") as out:
+        for line in list(docs)[:400]:
+            out.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
+    spec = importlib.util.spec_from_file_location("preprocess_data", os.path.join(ROOT, "tools", "preprocess_data.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cli.main(["--input", str(source), "--output-prefix", str(tmp_path / "made" / "corpus"),
+              "--tokenizer-type", "sentencepiece", "--tokenizer-model", str(EMBEDDED_TOKENIZER_MODEL), "--append-eod"])
+    for d in nodes:
+        shutil.copytree(tmp_path / "made", d / "data")
+    return str(EMBEDDED_TOKENIZER_MODEL)
+
+
+def losses_and_norms(path) -> list[tuple[int, float, float]]:
+    records = [json.loads(line) for line in open(path)]
+    return [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in records if "train/grad_norm" in r]
+
+
+def test_srun_ranks_per_node_caches_data_path_preemption_and_resume(tmp_path):
+    """Only SLURM_* (no RANK/WORLD_SIZE/LOCAL_RANK): 2 ranks of one run on a --data-path dataset
+    made by tools/preprocess_data.py, a node-local copy in each node's working directory; each
+    node builds its own index caches under its own HOME; --save on shared storage; steps of 8
+    micro-batches per rank (ZeRO-2 reduces at each).
+
+      reference   3 steps uninterrupted, saved at the end; --preempt-grace-seconds 0.001, which
+                  no save meets: the save warns (and every micro-batch boundary is checked from
+                  step 2 on: no signal, no cut)
+      preempted   the same with 0.2 s padded onto each micro-batch (a step of > 1.4 s) under a
+                  1.2 s grace period; rank 1 alone gets SIGTERM after micro-batch 1 of step 2:
+                  both ranks cut step 2 there, discard it, save iteration 1 (each rank hashing
+                  the files it wrote) and exit 75 within the 1.2 s
+      corrupted   a flipped byte in rank 1's shard: the resume stops with one line on every rank
+      resumed     the shard restored, the index caches in a shared --data-cache-dir this time:
+                  steps 2 and 3 with the reference's losses and grad norms
+      node-local  --load ckpt, relative: another directory with another `latest` on each node:
+      --load      rank 0's tag is missing on rank 1, every rank stops with one line
+    """
     nodes = node_dirs(tmp_path)
-    envs = [dict(slurm(r), HOME=str(d / "home"), MESH_MEGATRON_FAULT="sigterm_after_step:2")
-            for r, d in enumerate(nodes)]
-    log, save = tmp_path / "train.jsonl", tmp_path / "shared_save"
-    # A grace period no save can meet: the first save warns.
-    args = ARGS + ["--train-iters", "4", "--save", str(save), "--log-jsonl", str(log), "--preempt-grace-seconds", "0.001"]
-    rcs, outs = run_nodes(envs, [str(d) for d in nodes], args)
-    assert rcs == [75, 75], outs
-    assert "data-parallel 2" in outs[0], outs[0]  # one run of 2 ranks, not two runs of 1
-    assert sum('"train/step_loss"' in line for line in open(log)) == 2  # rank 0 alone logs: 2 steps
+    tokenizer = make_dataset(tmp_path, nodes)
+    envs = [dict(slurm(r), HOME=str(d / "home")) for r, d in enumerate(nodes)]
+    cwds = [str(d) for d in nodes]
+    save = tmp_path / "shared_save"
+    args = ARGS + ["--train-iters", "3", "--micro-batch-size", "1", "--global-batch-size", "16",
+                   "--data-path", "data/corpus", "--tokenizer-type", "sentencepiece", "--tokenizer-model", tokenizer]
+
+    rcs, outs = run_nodes(envs, cwds, args + ["--save", str(tmp_path / "ref_save"), "--log-jsonl",
+                                              str(tmp_path / "ref.jsonl"), "--preempt-grace-seconds", "0.001"],
+                          name="reference")
+    assert rcs == [0, 0], outs
+    assert "grad-accum 8 x data-parallel 2" in outs[0], outs[0]  # one run of 2 ranks, not two runs of 1
+    assert outs[0].count("warning: this save took") == 1 and "more than --preempt-grace-seconds 0.001" in outs[0]
+    reference = losses_and_norms(tmp_path / "ref.jsonl")
+    assert [step for step, _, _ in reference] == [1, 2, 3]
     for d in nodes:
         cache = d / "home" / ".cache" / "mesh_megatron"
-        assert any((cache / "embedded").glob("*.idx")), f"{d.name} did not build the embedded corpus"
         assert any((cache / "indices").glob("*shuffle_index.npy")), f"{d.name} did not build its indices"
         assert not list(cache.rglob("*.tmp-*")) and not list(cache.rglob(".mesh_megatron_visible-*"))
-    assert (save / "latest").read_text() == "iter_0000002"
-    assert "files hashed by the rank that wrote them: rank 0: 2, rank 1: 1)" in outs[0], outs[0]
-    assert re.search(r"exiting with status 75 at iteration 2, [0-9.]+ s after the signal", outs[0]), outs[0]
-    assert outs[0].count("warning: this save took") == 1 and "more than --preempt-grace-seconds 0.001" in outs[0]
 
-    shard = save / "iter_0000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    data = bytearray(shard.read_bytes())
+    preempted = [dict(e, MESH_MEGATRON_FAULT="slow_micro_batch:0.2,sigterm_in_step:2.1:1") for e in envs]
+    rcs, outs = run_nodes(preempted, cwds, args + ["--save", str(save), "--log-jsonl", str(tmp_path / "preempted.jsonl"),
+                                                   "--preempt-grace-seconds", "1.2"], name="preempted")
+    assert rcs == [75, 75], outs
+    assert "[rank 1] received SIGTERM" in outs[1]
+    assert "during step 2, after micro-batch 1 of 8" in outs[0] and "saving iteration 1" in outs[0], outs[0]
+    assert (save / "latest").read_text() == "iter_0000001"  # saved at the cut, not before
+    assert outs[0].count("saved checkpoint") == 1, outs[0]
+    assert "files hashed by the rank that wrote them: rank 0: 2, rank 1: 1)" in outs[0], outs[0]
+    since = re.search(r"exiting with status 75 at iteration 1, ([0-9.]+) s after the first rank.s signal", outs[0])
+    assert since and float(since.group(1)) <= 1.2, outs[0]
+    assert "warning: this save took" not in outs[0]
+    assert losses_and_norms(tmp_path / "preempted.jsonl") == reference[:1]
+
+    shard = save / "iter_0000001" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    good = shard.read_bytes()
+    data = bytearray(good)
     data[len(data) // 2] ^= 0xFF  # same size: only a checksum sees it
     shard.write_bytes(bytes(data))
-    envs = [dict(e, MESH_MEGATRON_FAULT="") for e in envs]
-    rcs, outs = run_nodes(envs, [str(d) for d in nodes], args + ["--load", str(save)], name="resume")
+    resume = args + ["--save", str(save), "--load", str(save), "--log-jsonl", str(tmp_path / "resumed.jsonl")]
+    rcs, outs = run_nodes(envs, cwds, resume, name="corrupted")
     assert rcs == [2, 2], outs
     for out in outs:
         errors = [line for line in out.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and f"{shard.name} does not match its SHA-256" in errors[0], out
+
+    shard.write_bytes(good)
+    shared_cache = tmp_path / "shared_cache"
+    rcs, outs = run_nodes(envs, cwds, resume + ["--data-cache-dir", str(shared_cache)], name="resumed")
+    assert rcs == [0, 0], outs
+    assert "resumed from" in outs[0] and "iteration 1," in outs[0], outs[0]
+    assert losses_and_norms(tmp_path / "resumed.jsonl") == reference[1:]
+    assert len(list(shared_cache.rglob("*shuffle_index.npy"))) == 1  # the shared cache: one copy, complete
+    assert not list(shared_cache.rglob("*.tmp-*"))
+
+    # The issue's deadlock: a relative --load that is a different directory on each node, each
+    # with its own `latest` (node 0: the reference's iter_0000003, node 1: iter_0000001 only).
+    # Rank 0 decides the tag; rank 1 cannot see it: every rank stops with one line, no hang.
+    import shutil
+
+    shutil.copytree(tmp_path / "ref_save", nodes[0] / "ckpt")
+    shutil.copytree(save, nodes[1] / "ckpt", ignore=shutil.ignore_patterns("iter_0000002", "iter_0000003"))
+    (nodes[1] / "ckpt" / "latest").write_text("iter_0000001")
+    rcs, outs = run_nodes(envs, cwds, args + ["--load", "ckpt", "--save", str(tmp_path / "new_save")],
+                          name="node_local_load")
+    assert rcs == [2, 2], outs
+    for out in outs:
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "rank 0 resumes from iter_0000003, but at " in errors[0], out
+        assert str(nodes[1] / "ckpt" / "iter_0000003") in errors[0] and "must be visible to every node" in errors[0]
+        assert "iter " not in out  # stopped before any training
 
 
 def test_unwritable_cache_on_one_node_stops_every_rank(tmp_path):

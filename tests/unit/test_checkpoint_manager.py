@@ -221,6 +221,54 @@ def test_preemption_flag_signal_and_duration(megatron_single):
     assert Preemption(exit_duration_in_mins=60.0).should_stop(1) is None
 
 
+def test_grace_plan_checks_and_cuts():
+    """training/grace.py with the issue's numbers: a pythia-1.4b step of 45 s at 128 micro-batches
+    under a 30 s grace period (DeepSpeed's launcher)."""
+    from mesh_megatron.training.grace import GracePlan
+
+    p = GracePlan(30.0)
+    assert p.interval(128) is None  # no step measured yet: nothing to plan with
+    p.observe(45.0, 0.0)
+    # 45 / 128 = 0.3516 s per micro-batch; one check per 30 / 20 = 1.5 s: every 4 micro-batches.
+    assert p.interval(128) == 4
+    assert [d for d in range(130) if p.checks_at(d, 128)] == list(range(4, 128, 4))
+    p.observe(0.0, 12.0)  # then a 12 s save; the step time stays
+    assert (p.step_s, p.save_s) == (45.0, 12.0)
+    assert p.rest_s(64, 128) == 22.5 + 12.0
+    assert p.cut(1.0, 64, 128)  # 1 + 22.5 + 12 = 35.5 > 30: stop here
+    assert not p.cut(1.0, 100, 128)  # 1 + 9.84 + 12 = 22.84 <= 30: the step finishes in time
+    assert p.cut(8.2, 100, 128)  # 8.2 + 9.84 + 12 = 30.04 > 30
+    assert not p.cut(-1.0, 4, 128)  # no signal
+    assert GracePlan(30.0, step_s=10.0, save_s=20.0).interval(128) is None  # 30 s fit: never checked
+    assert GracePlan(30.0, step_s=10.0, save_s=20.5).interval(128) == 19  # 1.5 / (10 / 128) = 19.2
+    assert GracePlan(30.0, step_s=45.0).interval(1) is None  # one micro-batch: nothing to cut
+
+
+def test_preemption_cuts_a_long_step_after_a_signal(megatron_single):
+    """The collective check at micro-batch boundaries: none planned while a step and a save fit;
+    every micro-batch once a 10 s step of 10 (1 s each) and a 0.5 s save exceed a 1 s grace;
+    no cut before the signal, a cut at the next boundary after it."""
+    from mesh_megatron.training.preemption import Preemption
+
+    p = Preemption(grace_s=1.0).install()
+    try:
+        assert p.should_stop(1, step_s=0.4, save_s=0.5) is None
+        assert p.boundary_check(1, 10) is None  # 0.9 s fit in 1 s: no check, no collective
+        assert p.should_stop(1, step_s=10.0, save_s=None) is None
+        assert (p.plan.step_s, p.plan.save_s) == (10.0, 0.5)
+        check = p.boundary_check(1, 10)
+        assert p.plan.interval(10) == 1 and check(1) is False and check(2) is False
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert check(3) is True
+        step, done, accum, age = p.cut_at
+        assert (step, done, accum) == (2, 3, 10) and 0 <= age < 5
+        assert "during step 2, after micro-batch 3 of 10: the rest of the step (~7.0 s) and a save (~0.5 s) " \
+            "would not fit in --preempt-grace-seconds 1; the partial step is discarded, saving iteration 1" \
+            in p.describe_cut()
+    finally:
+        p.uninstall()
+
+
 def test_exit_duration_counts_from_process_start(megatron_single):
     """A real budget, counted from when the process started (as a scheduler's time limit
     counts imports and setup): 1 minute is up for a process that started 61 s ago and not for

@@ -144,6 +144,54 @@ def test_host_syncs_per_step(trainers, monkeypatch, ds_config):
     assert step_sites <= {"is_invalid_grad_norm", "has_overflow", "clip_tensors_by_global_norm"}, report
 
 
+def fp32_masters(optimizer) -> list:
+    """DeepSpeed's fp32 master weights: ZeRO-2's partitions (stage_1_and_2.py), bf16 ZeRO-1's
+    (BF16_Optimizer), bf16 ZeRO-0's groups (FP16_UnfusedOptimizer)."""
+    for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(optimizer, name):
+            return list(getattr(optimizer, name))
+    return [t for group in optimizer.fp32_groups for t in group]
+
+
+@pytest.mark.parametrize("ds_config", ["examples/zero0.json", "examples/zero1.json", "examples/zero2.json"],
+                         ids=["zero0", "zero1", "zero2"])
+def test_a_cut_step_leaves_no_trace(megatron_single, tmp_path, ds_config):
+    """A step cut after 2 of its 4 micro-batches (training/grace.py) is discarded: trainer A
+    starts a step on other batches, is cut (drawing random numbers meanwhile, as dropout
+    would), then takes two steps; an identical trainer B takes the same two steps only. Same
+    losses, gradient norms, weights (bf16 copies and fp32 masters), counters and RNG states."""
+    import types
+
+    from mesh_megatron.training.grace import GracePlan
+
+    a, run = build_trainer(tmp_path / "a", ds_config, ACCUM)
+    b, _ = build_trainer(tmp_path / "b", ds_config, ACCUM)
+    asked = []
+
+    def cut_at_2(done):
+        asked.append(done)
+        torch.rand(3)
+        return done == 2
+
+    cut = types.SimpleNamespace(plan=GracePlan(1.0, step_s=10.0), boundary_check=lambda it, accum: cut_at_2)
+    try:
+        rng = torch.get_rng_state()
+        assert a.train_step(batches(run, ACCUM, 99), cut) is None
+        assert asked == [1, 2] and a.iteration == 0 and torch.equal(torch.get_rng_state(), rng)
+        for seed in (0, 1):
+            assert a.train_step(batches(run, ACCUM, seed)) == b.train_step(batches(run, ACCUM, seed))
+            assert a.engine.get_global_grad_norm() == b.engine.get_global_grad_norm()
+        assert (a.engine.micro_steps, a.engine.global_steps) == (b.engine.micro_steps, b.engine.global_steps)
+        for pa, pb in zip(a.engine.module.parameters(), b.engine.module.parameters()):
+            assert torch.equal(pa, pb)
+        masters_a, masters_b = fp32_masters(a.engine.optimizer), fp32_masters(b.engine.optimizer)
+        assert len(masters_a) == len(masters_b) > 0
+        assert all(torch.equal(ma, mb) for ma, mb in zip(masters_a, masters_b))
+    finally:
+        a.engine.destroy()
+        b.engine.destroy()
+
+
 def test_tokens_per_s_and_mfu_count_training_steps_only(trainers, monkeypatch):
     """fit() with a fake clock: every step takes 1 s, every validation and checkpoint save
     100 s. The logged tokens/s and MFU must be those of 1 s steps; the first window after
