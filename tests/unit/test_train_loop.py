@@ -265,7 +265,7 @@ def test_mfu_counts_the_iterations_each_step_executed(trainers, monkeypatch):
     monkeypatch.setattr(trainer_module, "device_peak", lambda precision: h100)
     monkeypatch.setattr(trainer_module.torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(trainer, "clock", lambda: now[0])
-    monkeypatch.setattr(trainer, "train_batches", lambda: iter(lambda: [], None))
+    monkeypatch.setattr(trainer, "train_batches", lambda: (([] for _ in iter(int, 1))))  # the fake step ignores them
     monkeypatch.setattr(trainer.step, "train", step)
     rec = RecurrenceConfig("poisson-lognormal", 3.0, 2, seed=5)
     monkeypatch.setattr(trainer, "run", dataclasses.replace(trainer.run, recurrence=rec))
