@@ -1,6 +1,7 @@
 """The real launchers start the same 2-rank run as tests/launch.py: `deepspeed --num_gpus 2`,
-`torchrun --nproc_per_node 2`, and a two-node rehearsal on one machine (two torchrun agents,
---nnodes 2, meeting through a c10d rendezvous on localhost). Same losses in every case."""
+`torchrun --nproc_per_node 2`, and a two-node rehearsal on one machine (two torchrun agents of
+two ranks each, --nnodes 2, meeting through a c10d rendezvous on localhost). Same losses in
+every case."""
 
 import os
 import socket
@@ -101,13 +102,15 @@ def test_torchrun_two_ranks(reference, tmp_path):
 
 
 def test_two_node_rehearsal_on_one_machine(reference, tmp_path):
-    """Two torchrun agents, one process each, as two nodes would start them: each "node" with
-    its own HOME (its own ~/.cache, where it builds its own dataset caches) and working
-    directory; --save on the shared tmp_path."""
+    """Two torchrun agents, two processes each, as two nodes would start them: each "node" with
+    its own HOME (its own ~/.cache, where its local rank 0 builds its own dataset caches while
+    its local rank 1 waits) and working directory; --save on the shared tmp_path. Four
+    data-parallel ranks of micro-batch 2 take the reference's global batch of 8."""
     args = [os.path.join(ROOT, a) if a.startswith("examples/") else a for a in run_args(tmp_path, "two_nodes")]
+    args += ["--micro-batch-size", "2"]
 
     def agents(port):
-        return [[os.path.join(BIN, "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+        return [[os.path.join(BIN, "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "2",
                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rehearsal",
                  SCRIPT, *args] for node in (0, 1)]
 
@@ -118,7 +121,8 @@ def test_two_node_rehearsal_on_one_machine(reference, tmp_path):
     for name in ("MESH_MEGATRON_CACHE", "XDG_CACHE_HOME"):
         for e in envs:
             e[name] = ""
-    launch_with_retry(agents, envs=envs, cwds=[str(d) for d in nodes])
+    out = launch_with_retry(agents, envs=envs, cwds=[str(d) for d in nodes])
+    assert "data-parallel 4" in out[0]
     assert_same(reference, tmp_path, "two_nodes")
     for d in nodes:  # each node built the embedded corpus and its index caches under its own HOME
         assert any((d / "home" / ".cache" / "mesh_megatron" / "embedded").glob("*.idx")), d
