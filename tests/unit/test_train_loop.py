@@ -211,18 +211,32 @@ def test_peak_table_names_the_card(device, card, bf16):
 
 
 def test_overlapped_reduction_is_off_for_a_recomputed_shared_core(tmp_path):
-    """examples/zero2.json overlaps ZeRO's reduction with backward; under --recompute a looped
-    core's shared weights get their gradient once per recomputed iteration, which DeepSpeed's
-    overlapped hooks refuse ("Gradient computed twice"): the run reduces after backward then.
-    Unshared layers (vanilla) keep the overlap. (The training test that caught it:
+    """An overlapping ZeRO-1 ds_config (fp32: DeepSpeed's ZeRO optimizer, not BF16_Optimizer):
+    under --recompute a looped core's shared weights get their gradient once per recomputed
+    iteration, which DeepSpeed's overlapped hooks refuse ("Gradient computed twice"): the run
+    reduces after backward then. ZeRO-2 (examples/zero2.json) reduces in its hooks whatever
+    overlap_comm says, so it is refused (one line naming zero1.json). Unshared layers (vanilla)
+    keep the overlap. (The training test that caught it:
     tests/distributed/test_execution_parallel.py::test_recompute_loop_equals_none_in_training.)"""
+    import json
+
+    from mesh_megatron.config import ConfigError
     from mesh_megatron.training import arguments
 
-    def overlap(*flags):
-        run = arguments.parse(["--ds_config", "examples/zero2.json", "--save", str(tmp_path / "s"), *flags],
+    zero1_overlap = tmp_path / "zero1_overlap.json"
+    ds = json.load(open(os.path.join(ROOT, "examples/zero1.json")))
+    ds["zero_optimization"]["overlap_comm"] = True
+    zero1_overlap.write_text(json.dumps(ds))
+
+    def overlap(ds_config, *flags):
+        run = arguments.parse(["--ds_config", str(ds_config), "--save", str(tmp_path / "s"), *flags],
                               world_size=1)
         return run.ds_config["zero_optimization"]["overlap_comm"]
 
-    assert overlap() is True
-    assert overlap("--recompute", "loop") is False and overlap("--recompute", "layer") is False
-    assert overlap("--variant", "vanilla", "--layout", "6", "--recompute", "layer") is True
+    assert overlap(zero1_overlap) is True and overlap("examples/zero2.json") is True
+    assert overlap(zero1_overlap, "--recompute", "loop") is False
+    assert overlap(zero1_overlap, "--recompute", "layer") is False
+    with pytest.raises(ConfigError, match="ZeRO stage 2 cannot recompute a looped core"):
+        overlap("examples/zero2.json", "--recompute", "loop")
+    assert overlap("examples/zero2.json", "--variant", "vanilla", "--layout", "6", "--recompute", "layer") is True
+    assert overlap(zero1_overlap, "--variant", "vanilla", "--layout", "6", "--recompute", "layer") is True
