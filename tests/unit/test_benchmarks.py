@@ -1,4 +1,5 @@
-"""benchmarks/: throughput.py on CPU at tiny size, the GPU report's refusal rules, shell syntax.
+"""benchmarks/: throughput.py on CPU at tiny size (the trainer's engine and step), the GPU report's refusal rules,
+shell syntax.
 
 benchmarks/gpu_check.sh itself (GPU_CHECK_DRY=1) takes minutes on 2 cores, so it is run by hand.
 """
@@ -32,29 +33,47 @@ def test_shell_scripts_pass_shellcheck(script):
     assert proc.returncode == 0, proc.stdout
 
 
-def test_throughput_tiny_cpu_bf16_with_hf(megatron_single, tmp_path):
+def test_throughput_tiny_cpu_bf16_with_hf_times_the_trainers_step(megatron_single, tmp_path, monkeypatch):
+    """The engine path: every row (HF GPTNeoX too) is an optimizer step of the trainer's own
+    step class over a DeepSpeed engine built by the trainer, with 2 micro-batches accumulated."""
     import throughput
     from mesh_megatron.config import preset
     from mesh_megatron.model.accounting import training_flops_per_token
+    from mesh_megatron.training.steps import PlainStep
 
-    seq, mb = 32, 2
+    calls = []
+    trainer_step = PlainStep.train
+
+    def counted(self, batches, iteration):
+        calls.append((type(self.engine).__name__, len(batches)))
+        return trainer_step(self, batches, iteration)
+
+    monkeypatch.setattr(PlainStep, "train", counted)
+    seq, mb, accum = 32, 2, 2
     rows = throughput.main(["--device", "cpu", "--preset", "tiny", "--variants", "vanilla,base,mesh", "--hf",
-                            "--bf16", "--seq-length", str(seq), "--micro-batch-size", str(mb), "--steps", "2",
-                            "--warmup", "1", "--out", str(tmp_path)])
+                            "--bf16", "--seq-length", str(seq), "--micro-batch-size", str(mb), "--grad-accum",
+                            str(accum), "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    # 4 rows x (1 warm-up + 2 timed) steps, each the trainer's PlainStep over accum micro-batches.
+    assert calls == [("DeepSpeedEngine", accum)] * (4 * 3)
     data = json.load(open(tmp_path / "throughput.json"))
     assert [r["variant"] for r in data] == ["vanilla", "base", "mesh", "hf"]
     md = open(tmp_path / "throughput.md").read()
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 4 and table[-1].startswith("| HF GPTNeoX (sdpa) |")  # header, rule, 4 rows
+    assert "the trainer's PlainStep" in md and "gradients accumulated in fp32" in md
     by = {r["variant"]: r for r in data}
     for r in data:
         assert ROW_KEYS <= r.keys()
         assert r["status"] == "ok" and r["dtype"] == "bf16" and r["device"].startswith("CPU")
-        assert r["tokens_per_s"] == pytest.approx(mb * seq / r["step_s"])
+        # bf16 at ZeRO-1 (examples/zero1.json): DeepSpeed's BF16_Optimizer, fp32 accumulation.
+        assert (r["step"], r["zero_stage"], r["grad_accum"], r["grad_accum_dtype"], r["optimizer"]) == \
+            ("PlainStep", 1, accum, "fp32", "BF16_Optimizer")
+        assert r["tokens_per_s"] == pytest.approx(mb * accum * seq / r["step_s"])
         assert r["vs_base"] == pytest.approx(r["step_s"] / by["base"]["step_s"])
         assert r["vs_vanilla"] == pytest.approx(r["step_s"] / by["vanilla"]["step_s"])
         assert r["mfu"] is None and r["peak_mem_gib"] is None  # CPU: no peak FLOPs, no allocator stats
-        assert torch.isfinite(torch.tensor(r["final_loss"]))
+        assert len(r["losses"]) == 3 and r["final_loss"] == r["losses"][-1]
+        assert torch.isfinite(torch.tensor(r["losses"])).all()
         assert r["activation_gib"] > 0
     # Loop-aware FLOPs: HF is the vanilla shape of the same compute depth.
     for v in ("vanilla", "base", "mesh"):
@@ -69,10 +88,11 @@ def test_throughput_vs_attention_times_both_kernels_in_one_run(megatron_single, 
 
     throughput.main(["--device", "cpu", "--preset", "tiny", "--variants", "base,mesh", "--attention-backend", "sdpa",
                      "--vs-attention", "local", "--seq-length", "32", "--steps", "2", "--warmup", "1",
-                     "--out", str(tmp_path)])
+                     "--zero-stage", "0", "--out", str(tmp_path)])
     data = json.load(open(tmp_path / "throughput.json"))
     by = {r["variant"]: r for r in data}
     assert list(by) == ["base", "mesh", "base@local", "mesh@local"]
+    assert {(r["zero_stage"], r["dtype"], r["step"]) for r in data} == {(0, "fp32", "PlainStep")}  # --zero-stage
     for v in ("base", "mesh"):
         assert by[v]["vs_attention"] == pytest.approx(by[v]["step_s"] / by[f"{v}@local"]["step_s"])
         # Same weights and batch, another kernel of the same math: the losses agree to rounding
@@ -84,14 +104,23 @@ def test_throughput_vs_attention_times_both_kernels_in_one_run(megatron_single, 
     assert "| vs base | vs vanilla | vs @local |" in open(tmp_path / "throughput.md").read()
 
 
-def test_throughput_counts_fewer_saved_activations_with_recompute(megatron_single):
+def test_throughput_counts_fewer_saved_activations_with_recompute(megatron_single, tmp_path):
     """The act-GiB column measures what backward keeps: per-layer recompute keeps only layer inputs."""
+    import deepspeed
     import throughput
+    from mesh_megatron.parallel.initialize import backend
+
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
 
     def saved(recompute):
         args = throughput.parse_args(["--device", "cpu", "--preset", "tiny", "--seq-length", "32",
                                       "--recompute", recompute])
-        return throughput.Trainee("base", throughput.model_config(args, "base"), args).saved_activation_bytes()
+        throughput.prepare(args, str(tmp_path))
+        row = throughput.Row("base", args, str(tmp_path))
+        try:
+            return row.saved_activation_bytes()
+        finally:
+            row.release()
 
     none, layer = saved("none"), saved("layer")
     # Without recompute each of the 6 applied layers keeps at least its GELU input
@@ -107,6 +136,9 @@ def test_throughput_rejects_unknown_variant(capsys):
         throughput.parse_args(["--variants", "vanilla,nope"])
     assert e.value.code == 2
     assert "unknown ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        throughput.parse_args(["--device", "cpu", "--zero-stage", "3"])
+    assert e.value.code == 2 and "--zero-stage 3: choose 0, 1 or 2" in capsys.readouterr().err
 
 
 def _fake_check(out, device, skipped):
