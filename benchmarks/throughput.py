@@ -227,6 +227,9 @@ class Row:
         # what the row really ran (an --attention-backend name resolved to the wrong kernel shows here)
         self.core_attention = ",".join(core_attention_names(self.engine.module)) or None  # None: HF GPTNeoX
         self.num_params = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
+        # modules torch.compile'd in place (nn.Module.compile, --compile rows)
+        self.compiled_layers = sum(getattr(m, "_compiled_call_impl", None) is not None
+                                   for m in self.engine.module.modules())
         g = torch.Generator().manual_seed(1)
         m, s, device = args.micro_batch_size, args.seq_length, self.engine.device
         self.batches = []
@@ -427,7 +430,7 @@ def row(args, name: str, cfg: ModelConfig, r: Optional[Row], status: str, act: O
         "tokens_per_s": None, "step_s": None, "tflops": None, "mfu": None,
         "activation_gib": act / GIB if act is not None else None,
         "peak_mem_gib": None, "final_loss": None, "losses": r.losses if r else None,
-        "core_attention": r.core_attention if r else None,
+        "core_attention": r.core_attention if r else None, "compiled_layers": r.compiled_layers if r else None,
     }
     if r is not None and status == "ok" and r.times:
         step = statistics.median(r.times)

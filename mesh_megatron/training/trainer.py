@@ -268,7 +268,8 @@ class Trainer:
 
         ex = self.run.execution
         self.sinks.print(f"execution: attention {ex.attention_backend} "
-                         f"({', '.join(core_attention_names(self.engine.module))}); recompute {ex.recompute}")
+                         f"({', '.join(core_attention_names(self.engine.module))}); recompute {ex.recompute}; "
+                         f"compile {'on (each layer; the first step compiles)' if ex.compile else 'off'}")
         if self.pipelined:
             header = ("pipeline stages (by compute):" if self.virtual == 1 else
                       f"pipeline model chunks (by compute; chunk c runs on pipeline rank c % "
