@@ -1,7 +1,7 @@
 """benchmarks/: throughput.py on CPU at tiny size (the trainer's engine and step), the GPU report's refusal rules,
 shell syntax.
 
-benchmarks/gpu_check.sh itself (GPU_CHECK_DRY=1) takes minutes on 2 cores, so it is run by hand.
+benchmarks/gpu_check.sh itself (GPU_CHECK_DRY=1) takes about 6 minutes on 2 cores, so it is run by hand.
 """
 
 import json
@@ -169,16 +169,26 @@ def test_throughput_rejects_unknown_variant(capsys):
     assert e.value.code == 2 and "--zero-stage 3: choose 0, 1 or 2" in capsys.readouterr().err
 
 
-def _fake_check(out, device, skipped):
+def _fake_check(out, device, skipped, windows=(1.0, 0.0, 0.0)):
+    """A finished gpu_check.sh's files; `windows`: perf/warmup of the big trainer run's log windows."""
     os.makedirs(out / "logs")
-    os.makedirs(out / "throughput" / "tiny")
+    os.makedirs(out / "throughput" / "trainer-shape")
     json.dump({"torch": "2", "cuda": None, "megatron_core": "0.16.1", "deepspeed": "0.19.8", "transformers": "5",
                "device": device, "device_count": 1}, open(out / "logs" / "versions.json", "w"))
     cases = "".join(f'<testcase name="t{i}"/>' for i in range(3))
     open(out / "logs" / "pytest-gpu.xml", "w").write(
         f'<testsuites><testsuite tests="3" failures="0" errors="0" skipped="{skipped}">{cases}</testsuite></testsuites>')
-    json.dump([{"variant": "mesh"}], open(out / "throughput" / "tiny" / "throughput.json", "w"))
-    open(out / "throughput" / "tiny" / "throughput.md", "w").write("| mesh |\n")
+    with open(out / "logs" / "train-big.jsonl", "w") as f:
+        for i, warm in enumerate(windows):  # the trainer's records (sinks.py): loss lines between
+            f.write(json.dumps({"step": 2 * i + 1, "train/step_loss": 5.0}) + "\n")
+            f.write(json.dumps({"step": 2 * i + 2, "perf/tokens_per_s": 900.0 + 100 * i, "perf/mfu": 0.40 + 0.02 * i,
+                                "perf/warmup": warm}) + "\n")
+    open(out / "logs" / "train-small-zero0.log", "w").write("validation at iter 2 | ...\nvalidation at iter 4 | ...\n")
+    open(out / "logs" / "resume-small-zero2.log", "w").write("resumed from X/iter_0000003: iteration 3, 12 samples\n")
+    json.dump([{"variant": "mesh", "status": "ok", "preset": "pythia-1.4b", "seq_length": 4096, "micro_batch_size": 4,
+                "grad_accum": 8, "dtype": "bf16", "zero_stage": 1, "step": "PlainStep", "tokens_per_s": 1000.0,
+                "mfu": 0.5}], open(out / "throughput" / "trainer-shape" / "throughput.json", "w"))
+    open(out / "throughput" / "trainer-shape" / "throughput.md", "w").write("| mesh |\n")
 
 
 def test_gpu_report_refuses_skipped_gpu_tests_on_a_gpu(tmp_path):
@@ -188,8 +198,20 @@ def test_gpu_report_refuses_skipped_gpu_tests_on_a_gpu(tmp_path):
     assert proc.returncode == 1 and "skipped on a CUDA device" in proc.stderr
     assert not (tmp_path / "gpu" / "gpu_report.md").exists()
 
+    # The big trainer run must log throughput at least twice after its warm-up window.
+    _fake_check(tmp_path / "short", "NVIDIA H100 80GB HBM3", skipped=0, windows=(1.0, 0.0))
+    proc = subprocess.run([sys.executable, report, str(tmp_path / "short")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "1 throughput windows after warm-up (need 2)" in proc.stderr
+
     _fake_check(tmp_path / "ok", "NVIDIA H100 80GB HBM3", skipped=0)
     proc = subprocess.run([sys.executable, report, str(tmp_path / "ok")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert json.load(open(tmp_path / "ok" / "gpu_report.json"))["device"] == "NVIDIA H100 80GB HBM3"
-    assert open(tmp_path / "ok" / "gpu_report.md").read().startswith("# GPU check: NVIDIA H100 80GB HBM3")
+    data = json.load(open(tmp_path / "ok" / "gpu_report.json"))
+    assert data["device"] == "NVIDIA H100 80GB HBM3"
+    # The trainer's logged numbers: medians of the windows after warm-up (1000, 1100 tok/s; 42%, 44%).
+    assert data["trainer_real_path"]["trainer"]["tokens_per_s"] == 1050.0
+    assert data["trainer_real_path"]["trainer_vs_throughput"]["mfu"] == pytest.approx(0.43 / 0.5)
+    md = open(tmp_path / "ok" / "gpu_report.md").read()
+    assert md.startswith("# GPU check: NVIDIA H100 80GB HBM3")
+    assert "| trainer, logged (median of 2 windows after warm-up) | 1,050 | 43.0% |" in md
+    assert "| throughput.py, the trainer's PlainStep | 1,000 | 50.0% |" in md
