@@ -491,7 +491,9 @@ def table(args: argparse.Namespace, rows: list[dict], head: dict) -> str:
     extra = ([f"vs @{args.vs_attention}"] if args.vs_attention else []) + (["vs eager"] if args.compile else [])
     lines = [f"{args.preset}, seq {args.seq_length}, micro-batch {args.micro_batch_size} x grad-accum "
              f"{args.grad_accum}, {head['dtype']}, ZeRO {head.get('zero_stage', '?')} "
-             f"({os.path.basename(args.ds_config)}; gradients accumulated in {head.get('grad_accum_dtype', '?')}), "
+             f"({os.path.basename(args.ds_config)}"
+             + (f" with --zero-stage {args.zero_stage}" if args.zero_stage is not None else "")
+             + f"; gradients accumulated in {head.get('grad_accum_dtype', '?')}), "
              f"the trainer's {head.get('step', '?')}, recompute {args.recompute}, attention "
              f"{args.attention_backend}, {head['device']}"
              + (f" (MFU of the {head['mfu_peak']})" if head["mfu_peak"] else "") + ", "
