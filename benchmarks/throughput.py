@@ -1,64 +1,75 @@
 #!/usr/bin/env python
-"""Training throughput of the state-passing variants (and Hugging Face GPTNeoX) at one shape.
+"""Training throughput of the trainer's real step, per state-passing variant (and Hugging Face GPTNeoX).
 
-One process, one device. A step is what training does per micro-batch and optimizer step:
-forward, backward on the mean token loss, gradient clipping at 1.0, AdamW (torch, fused on
-CUDA; the trainer hands DeepSpeed the same torch optimizer). Variants are timed in
-alternating rounds (one step of each in turn) so drift (clocks, thermal, other load) hits
-them alike; the step time is the median of the timed steps after warm-up. When all variants
-do not fit in memory at once (GPU, big presets) each is built, measured and freed in turn.
+One process, one device (DeepSpeed's accelerator). Every row is a step a user would run:
+the run is parsed from pretrain_mesh.py's flags (training/arguments.py), the model, AdamW,
+LR schedule and DeepSpeed engine are built by the trainer (training/trainer.py Trainer,
+build_engine), and what is timed is the trainer's step strategy (training/steps.py
+PlainStep: forward and backward per micro-batch through the engine, DeepSpeed's
+accumulation, ZeRO reduction, clipping, bf16/fp32 master weights and AdamW at the
+boundary, the step's one host sync). The ds_config (`--ds_config`, `--zero-stage`),
+precision (`--bf16`, or the ds_config's) and accumulation count (`--grad-accum N`) are
+those of the run; the header names the gradient accumulation dtype DeepSpeed uses.
 
-Precision: fp32 by default. `--bf16` does what DeepSpeed's bf16 optimizer does in training:
-the model's parameters and activations are bf16 (no autocast), an fp32 master copy of every
-parameter holds the optimizer state; after backward the bf16 grads are copied to the masters,
-clipped and stepped in fp32, and the result is cast back into the bf16 parameters. Router
-softmax and cross entropy stay fp32 inside the model, as in training.
+Variants are timed in alternating rounds (one optimizer step of each in turn) so drift
+(clocks, thermal, other load) hits them alike; the step time is the median of the timed steps
+after warm-up. When all variants do not fit in memory at once (GPU, big presets) each is
+built, measured and freed in turn. The batches are the same random tokens for every row;
+the vocabulary is the preset's (50,304 padded for Pythia), not the embedded tokenizer's.
 
 Columns:
-  tokens/s, s/step     micro-batch x seq tokens per step; median step time
+  tokens/s, s/step     micro-batch x grad-accum x seq tokens per optimizer step; median step time
   TFLOP/s, MFU         loop-aware FLOPs per token (model/accounting.py: every loop iteration
                        counted) x tokens/s; MFU against the card's dense peak named in the
-                       header (bf16 runs: bf16 tensor cores; fp32: tf32 or fp32, GPU only)
-  act GiB              bytes saved for backward (activations, not weights), counted exactly
-                       with saved-tensor hooks on one extra forward: comparable on any device
-  peak GiB             on GPU, this variant's own peak allocated memory (its weights, grads,
-                       optimizer state and step peak); '-' on CPU (no per-variant allocator stats)
+                       header, as the trainer's log (training/metrics.py; GPU only)
+  act GiB              bytes saved for backward by one micro-batch (activations, not weights),
+                       counted exactly with saved-tensor hooks on one extra forward
+  peak GiB             on GPU, this row's own peak allocated memory (weights, gradients,
+                       optimizer state and step peak); '-' on CPU (no per-row allocator stats)
   vs base, vs vanilla  step time ratio to those rows (>1 is slower)
+  vs eager             with --compile: a VARIANT+compile row's step time / its eager row's
 
-`--hf` adds Hugging Face `GPTNeoXForCausalLM` (attn_implementation="sdpa") at the vanilla
-shape of the same compute depth: the model a user would otherwise train.
+`--hf` adds Hugging Face `GPTNeoXForCausalLM` (attn_implementation="sdpa", eager) at the
+vanilla shape of the same compute depth, wrapped to return per-token losses and put through
+the same engine construction, ds_config and step: the model a user would otherwise train.
+`--compile` adds a row VARIANT+compile per variant (pretrain_mesh.py --compile: each layer
+torch.compile'd); its first warm-up step pays the compilation.
 
   python benchmarks/throughput.py --device cpu --preset tiny --steps 2
   python benchmarks/throughput.py --device cpu --preset pythia-160m --variants vanilla,base,mesh \\
-      --seq-length 512 --micro-batch-size 2 --hf
-  python benchmarks/throughput.py --device cuda --preset pythia-1.4b --seq-length 4096 \\
-      --micro-batch-size 1 --bf16 --recompute loop --out runs/throughput
+      --seq-length 512 --micro-batch-size 2 --hf --compile
+  python benchmarks/throughput.py --device cuda --preset pythia-1.4b --variants mesh --seq-length 4096 \\
+      --micro-batch-size 4 --grad-accum 8 --bf16 --ds_config examples/zero1.json --out runs/throughput
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from mesh_megatron.config import (ATTENTION_BACKENDS, PRESETS, RECOMPUTE, VARIANTS, ConfigError,  # noqa: E402
-                                  ExecutionConfig, ModelConfig, ParallelConfig, preset,
-                                  to_transformer_config, validate)
+                                  ExecutionConfig, ModelConfig, preset, validate)
 from mesh_megatron.model.accounting import training_flops_per_token  # noqa: E402
 from mesh_megatron.training.metrics import device_peak as run_peak  # noqa: E402
 
 HF = "hf"  # the extra row --hf adds
+COMPILED = "+compile"  # suffix of the rows --compile adds
 GIB = 2**30
 
 
@@ -69,19 +80,27 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--layout", default=None, help="recursive layout P+CrK+Q (default: the preset's)")
     p.add_argument("--variants", default="vanilla,base,mesh", help="comma-separated variants")
     p.add_argument("--seq-length", type=int, default=128, help="tokens per sample")
-    p.add_argument("--micro-batch-size", type=int, default=2, help="samples per step")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant (after warm-up)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 model + fp32 master weights (as DeepSpeed bf16)")
+    p.add_argument("--micro-batch-size", type=int, default=2, help="samples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per row (after warm-up)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="must be DeepSpeed's accelerator: cuda when torch sees a GPU")
+    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config",
+                   default=os.path.join(ROOT, "examples", "zero1.json"),
+                   help="DeepSpeed JSON config, as pretrain_mesh.py's (default: the recipes' zero1.json)")
+    p.add_argument("--zero-stage", type=int, default=None, help="override the ds_config's ZeRO stage (0, 1, 2)")
+    p.add_argument("--bf16", action="store_true", help="bf16 training (DeepSpeed's bf16: fp32 masters)")
     p.add_argument("--recompute", choices=RECOMPUTE, default="none", help="activation recompute")
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto", help="core attention")
     p.add_argument("--vs-attention", choices=ATTENTION_BACKENDS, default=None,
                    help="also time every variant with this core attention (rows VARIANT@BACKEND, same "
                         "rounds); column 'vs @BACKEND' = the variant's step time / its @BACKEND row's")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every variant with --compile (rows VARIANT+compile, same rounds)")
     p.add_argument("--hf", action="store_true", help="also time HF GPTNeoXForCausalLM (sdpa) at vanilla shape")
     p.add_argument("--schedule", choices=("auto", "alternate", "sequential"), default="auto",
-                   help="alternate rounds (all variants in memory) or one variant at a time; "
+                   help="alternate rounds (all rows in memory) or one row at a time; "
                         "auto alternates when they all fit")
     p.add_argument("--out", default=None, help="folder for throughput.md and throughput.json")
     args = p.parse_args(argv)
@@ -92,13 +111,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--variants {args.variants!r}: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.preset not in PRESETS:
         p.error(f"--preset {args.preset!r} is unknown: choose one of {', '.join(PRESETS)}")
-    for flag in ("seq_length", "micro_batch_size", "steps"):
+    for flag in ("seq_length", "micro_batch_size", "steps", "grad_accum"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step allocates optimizer state)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device: use --device cpu")
+    if args.device == "cpu" and torch.cuda.is_available():
+        p.error("--device cpu but DeepSpeed's accelerator is CUDA here (the engine follows it): use --device "
+                "cuda, or hide the GPUs with CUDA_VISIBLE_DEVICES=")
+    if args.zero_stage is not None and args.zero_stage not in (0, 1, 2):
+        p.error(f"--zero-stage {args.zero_stage}: choose 0, 1 or 2")
     args.variant_list = names
     try:
         for v in names:
@@ -106,8 +130,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ExecutionConfig(args.attention_backend, args.recompute).validate()
         if args.vs_attention:
             ExecutionConfig(args.vs_attention, args.recompute).validate()
+        from mesh_megatron.parallel.deepspeed_config import load_ds_config
+
+        args.ds = load_ds_config(args.ds_config)
     except ConfigError as e:
         p.error(str(e))
+    if args.zero_stage is not None:
+        args.ds.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    args.precision = "bf16" if args.bf16 or args.ds.get("bf16", {}).get("enabled") else "fp32"
     return args
 
 
@@ -116,101 +146,113 @@ def model_config(args: argparse.Namespace, variant: str) -> ModelConfig:
     return preset(args.preset, variant, args.layout, seq_length=args.seq_length)
 
 
+def variant_of(name: str) -> str:
+    """A row name's variant: VARIANT, VARIANT@BACKEND, VARIANT+compile, hf (vanilla shape)."""
+    return "vanilla" if name == HF else name.split("@")[0].split("+")[0]
+
+
 def attention_of(args: argparse.Namespace, name: str) -> str:
     """A row's core attention: VARIANT@BACKEND rows (--vs-attention) name theirs."""
     return name.split("@", 1)[1] if "@" in name else args.attention_backend
 
 
-# ----------------------------------------------------------------------------- models
-def build_mesh(cfg: ModelConfig, args: argparse.Namespace, dtype: torch.dtype, attention: str) -> torch.nn.Module:
-    from mesh_megatron.model import MeshGPTModel
+def run_config(args: argparse.Namespace, name: str, scratch: str):
+    """The RunConfig pretrain_mesh.py would build for this row (training/arguments.py parse),
+    with the preset's vocabulary kept (the benchmark feeds random tokens, no tokenizer)."""
+    from mesh_megatron.training import arguments
 
-    tf_config = to_transformer_config(cfg, ParallelConfig(), params_dtype=dtype)
-    execution = ExecutionConfig(attention_backend=attention, recompute=args.recompute)
-    model = MeshGPTModel(cfg, tf_config, execution=execution, init_seed=0)
-    # DeepSpeed's bf16 engine casts the whole module (routers included) the same way.
-    return model.to(device=args.device, dtype=dtype)
-
-
-def build_hf(cfg: ModelConfig, args: argparse.Namespace, dtype: torch.dtype, attention: str) -> torch.nn.Module:
-    """GPTNeoX with the vanilla model's shape: same width, heads, compute depth, padded vocab."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    hf_config = GPTNeoXConfig(
-        vocab_size=cfg.padded_vocab_size(), hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.compute_depth, num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=cfg.ffn_size, hidden_act="gelu", rotary_pct=cfg.rotary_percent,
-        rotary_emb_base=cfg.rotary_base, max_position_embeddings=cfg.seq_length,
-        layer_norm_eps=cfg.layernorm_epsilon, use_parallel_residual=True, tie_word_embeddings=False,
-        attention_dropout=0.0, hidden_dropout=0.0, use_cache=False,
-    )
-    model = GPTNeoXForCausalLM._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
-    if args.recompute != "none":
-        model.gradient_checkpointing_enable()
-    return model.to(args.device)
+    variant = variant_of(name)
+    flags = ["--preset", args.preset, "--variant", variant, "--seq-length", str(args.seq_length),
+             "--micro-batch-size", str(args.micro_batch_size),
+             "--global-batch-size", str(args.micro_batch_size * args.grad_accum),
+             "--ds_config", args.ds_path, "--attention-backend", attention_of(args, name),
+             "--recompute", args.recompute, "--train-iters", str(args.warmup + args.steps + 1),
+             "--eval-interval", "0", "--sample-tokens", "0", "--save", os.path.join(scratch, "unused")]
+    flags += ["--layout", args.layout] if args.layout else []
+    flags += ["--bf16"] if args.bf16 else []
+    flags += ["--compile"] if name.endswith(COMPILED) else []
+    run = arguments.parse(flags, world_size=1)
+    model = dataclasses.replace(run.model, vocab_size=model_config(args, variant).vocab_size)
+    validate(model)
+    return dataclasses.replace(run, model=model)
 
 
-def loss_fn(model: torch.nn.Module, is_hf: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if is_hf:
-        def hf_loss(x, y):
-            logits = model(input_ids=x).logits
-            return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        return hf_loss
-    return lambda x, y: model(x, labels=y).mean()  # [b, s] fp32 token losses
+# ----------------------------------------------------------------------------- rows
+class HFCausalLM(torch.nn.Module):
+    """GPTNeoXForCausalLM with the trainer's model interface: (tokens, labels) -> per-token
+    losses [b, s] in fp32, as MeshGPTModel returns them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        hf_config = GPTNeoXConfig(
+            vocab_size=cfg.padded_vocab_size(), hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.compute_depth, num_attention_heads=cfg.num_attention_heads,
+            intermediate_size=cfg.ffn_size, hidden_act="gelu", rotary_pct=cfg.rotary_percent,
+            rotary_emb_base=cfg.rotary_base, max_position_embeddings=cfg.seq_length,
+            layer_norm_eps=cfg.layernorm_epsilon, use_parallel_residual=True, tie_word_embeddings=False,
+            attention_dropout=0.0, hidden_dropout=0.0, use_cache=False,
+        )
+        self.hf = GPTNeoXForCausalLM._from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.hf(input_ids=input_ids).logits  # [b, s, v]
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
 
-class Trainee:
-    """One model with its optimizer: `step()` is forward + backward + clip + AdamW."""
+class Row:
+    """One row: a DeepSpeed engine and the trainer's step strategy; `step()` is one optimizer step."""
 
-    def __init__(self, name: str, cfg: ModelConfig, args: argparse.Namespace):
-        self.name, self.cfg, self.args = name, cfg, args
-        self.dtype = torch.bfloat16 if args.bf16 else torch.float32
-        builder = build_hf if name == HF else build_mesh
-        self.model = builder(cfg, args, self.dtype, attention_of(args, name))
-        self.model.train()
+    def __init__(self, name: str, args: argparse.Namespace, scratch: str):
         from mesh_megatron.model.attention import core_attention_names
+        from mesh_megatron.training.trainer import PlainStep, Trainer, build_engine
 
+        self.name, self.args = name, args
+        self.run = run_config(args, name, scratch)
+        self.cfg = self.run.model
+        if name == HF:
+            model = HFCausalLM(self.cfg)
+            if args.recompute != "none":
+                model.hf.gradient_checkpointing_enable()
+            self.engine, _ = build_engine(model, self.run)
+            self.step_strategy = PlainStep(self.engine, self.run.train.nan_policy, print)
+            self.trainer = None
+        else:
+            self.trainer = Trainer(self.run, (None, None), None)
+            self.engine, self.step_strategy = self.trainer.engine, self.trainer.step
+        self.engine.train()
         # what the row really ran (an --attention-backend name resolved to the wrong kernel shows here)
-        self.core_attention = ",".join(core_attention_names(self.model)) or None  # None: HF GPTNeoX
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.num_params = sum(p.numel() for p in self.params)
-        # fp32 masters under bf16 (DeepSpeed's bf16 optimizer); the params themselves in fp32.
-        self.masters = ([p.detach().float().clone().requires_grad_(True) for p in self.params]
-                        if args.bf16 else self.params)
-        decay = [m for m in self.masters if m.ndim >= 2]
-        no_decay = [m for m in self.masters if m.ndim < 2]
-        cuda = args.device == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=cuda, foreach=None if cuda else True)
-        self.loss = loss_fn(self.model, name == HF)
+        self.core_attention = ",".join(core_attention_names(self.engine.module)) or None  # None: HF GPTNeoX
+        self.num_params = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
+        # modules torch.compile'd in place (nn.Module.compile, --compile rows)
+        self.compiled_layers = sum(getattr(m, "_compiled_call_impl", None) is not None
+                                   for m in self.engine.module.modules())
         g = torch.Generator().manual_seed(1)
-        vocab = cfg.vocab_size
-        tokens = torch.randint(0, vocab, (args.micro_batch_size, args.seq_length + 1), generator=g)
-        self.x, self.y = tokens[:, :-1].to(args.device), tokens[:, 1:].to(args.device)
+        m, s, device = args.micro_batch_size, args.seq_length, self.engine.device
+        self.batches = []
+        for _ in range(args.grad_accum):  # the same micro-batches for every row
+            tokens = torch.randint(0, self.cfg.vocab_size, (m, s + 1), generator=g)
+            self.batches.append((tokens[:, :-1].to(device), tokens[:, 1:].to(device), torch.ones(m, s, device=device)))
+        self.iteration = 0
         self.times: list[float] = []
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # every step's, warm-up included
         self.step_peak = 0  # bytes above the resident state at the start of a step
         self.resident = 0  # weights + masters + optimizer state (after the first step)
 
-    def step(self) -> torch.Tensor:
-        loss = self.loss(self.x, self.y)
-        loss.backward()
-        if self.masters is not self.params:
-            for p, m in zip(self.params, self.masters):
-                m.grad = p.grad.float()
-                p.grad = None
-        torch.nn.utils.clip_grad_norm_(self.masters, 1.0, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.masters is not self.params:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, self.masters)  # fp32 -> bf16
-        return loss.detach()
+    def step(self) -> float:
+        loss, _ = self.step_strategy.train(self.batches, self.iteration)
+        self.iteration += 1
+        self.losses.append(loss)
+        return loss
 
     def saved_activation_bytes(self) -> int:
-        """Bytes autograd keeps for backward (one forward), weights excluded, storages counted once."""
-        weights = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        """Bytes autograd keeps for backward (one micro-batch's forward), weights excluded,
+        storages counted once."""
+        model = self.engine.module
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen: dict[int, int] = {}
 
         def pack(t: torch.Tensor):
@@ -219,10 +261,15 @@ class Trainee:
                 seen[s.data_ptr()] = s.nbytes()
             return t
 
+        tokens, labels, _ = self.batches[0]
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.loss(self.x, self.y)
+            loss = model(tokens, labels=labels)
         del loss
         return sum(seen.values())
+
+    def release(self) -> None:
+        self.engine.destroy()
+        self.engine = self.trainer = self.step_strategy = self.batches = None
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -241,38 +288,37 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def timed_step(t: Trainee) -> None:
-    dev = t.args.device
+def timed_step(r: Row) -> None:
+    dev = r.args.device
     sync(dev)
     if dev == "cuda":
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    loss = t.step()
-    sync(dev)
-    t.times.append(time.perf_counter() - start)
-    t.losses.append(float(loss))
+    r.step()
+    sync(dev)  # the optimizer step queued after the step's host sync
+    r.times.append(time.perf_counter() - start)
     if dev == "cuda":
-        t.step_peak = max(t.step_peak, torch.cuda.max_memory_allocated() - before)
+        r.step_peak = max(r.step_peak, torch.cuda.max_memory_allocated() - before)
 
 
-def warm_up(t: Trainee) -> None:
-    dev = t.args.device
+def warm_up(r: Row) -> None:
+    dev = r.args.device
     before = torch.cuda.memory_allocated() if dev == "cuda" else 0
-    for _ in range(t.args.warmup):
-        t.step()
+    for _ in range(r.args.warmup):
+        r.step()
     sync(dev)
     if dev == "cuda":
-        t.resident = torch.cuda.memory_allocated() - before + t.resident
+        r.resident = torch.cuda.memory_allocated() - before + r.resident
 
 
 def fits_together(args: argparse.Namespace, cfgs: dict[str, ModelConfig]) -> bool:
-    """Alternate when every variant's weights + masters + Adam state fit in a third of the GPU."""
+    """Alternate when every row's weights, gradients, masters and Adam state fit in a third of the GPU."""
     if args.schedule != "auto":
         return args.schedule == "alternate"
     if args.device != "cuda":
         return True
-    per_param = 2 + 4 + 8 if args.bf16 else 4 + 8  # model copy, fp32 master, Adam m and v
+    per_param = 2 + 4 + 4 + 8 if args.bf16 else 4 + 4 + 8  # (bf16 model,) fp32 grads, masters, Adam m and v
     params = sum(estimate_params(c) for c in cfgs.values())
     return params * per_param < torch.cuda.get_device_properties(0).total_memory / 3
 
@@ -282,24 +328,33 @@ def estimate_params(cfg: ModelConfig) -> int:
     return cfg.unique_depth * 12 * h * h + 2 * h * cfg.padded_vocab_size()
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
-    names = list(args.variant_list) + [f"{v}@{args.vs_attention}" for v in args.variant_list if args.vs_attention] \
-        + ([HF] if args.hf else [])
-    cfgs = {n: model_config(args, "vanilla" if n == HF else n.split("@")[0]) for n in names}
-    status: dict[str, str] = {n: "ok" for n in names}
-    trainees: dict[str, Trainee] = {}
-    act: dict[str, int] = {}
+def row_names(args: argparse.Namespace) -> list[str]:
+    names = list(args.variant_list)
+    names += [f"{v}@{args.vs_attention}" for v in args.variant_list if args.vs_attention]
+    names += [f"{v}{COMPILED}" for v in args.variant_list if args.compile]
+    return names + ([HF] if args.hf else [])
 
-    def build(n: str) -> Optional[Trainee]:
+
+def measure(args: argparse.Namespace, scratch: str) -> tuple[list[dict], dict]:
+    names = row_names(args)
+    cfgs = {n: model_config(args, variant_of(n)) for n in names}
+    status: dict[str, str] = {n: "ok" for n in names}
+    rows: dict[str, Row] = {}
+    act: dict[str, int] = {}
+    engine_info: dict = {}
+
+    def build(n: str) -> Optional[Row]:
         """Build, count activations and warm up; None (row marked OOM) if it does not fit."""
         try:
             before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
-            t = Trainee(n, cfgs[n], args)
+            r = Row(n, args, scratch)
+            if not engine_info:
+                engine_info.update(describe_engine(r))
             if args.device == "cuda":
-                t.resident = torch.cuda.memory_allocated() - before  # weights (+ masters)
-            act[n] = t.saved_activation_bytes()
-            warm_up(t)
-            return t
+                r.resident = torch.cuda.memory_allocated() - before  # weights (+ masters)
+            act[n] = r.saved_activation_bytes()
+            warm_up(r)
+            return r
         except Exception as e:  # noqa: BLE001 - an OOM row, anything else is a real error
             if not is_oom(e):
                 raise
@@ -307,78 +362,97 @@ def measure(args: argparse.Namespace) -> list[dict]:
             free_memory(args.device)
             return None
 
-    def run_steps(t: Trainee, count: int) -> None:
+    def run_steps(r: Row, count: int) -> None:
         try:
             for _ in range(count):
-                timed_step(t)
+                timed_step(r)
         except Exception as e:  # noqa: BLE001
             if not is_oom(e):
                 raise
-            status[t.name] = "OOM"
+            status[r.name] = "OOM"
 
     alternate = fits_together(args, cfgs)
-    log(args, f"{'alternating rounds' if alternate else 'one variant at a time'}: {', '.join(names)}")
+    log(f"{'alternating rounds' if alternate else 'one row at a time'}: {', '.join(names)}")
     if alternate:
         for n in names:
-            t = build(n)
-            if t is not None:
-                trainees[n] = t
+            r = build(n)
+            if r is not None:
+                rows[n] = r
         for _ in range(args.steps):
-            for n, t in trainees.items():
+            for n, r in rows.items():
                 if status[n] == "ok":
-                    run_steps(t, 1)
+                    run_steps(r, 1)
         if args.schedule == "auto" and "OOM" in status.values():
             # The estimate counts weights and optimizer state, not activations: measured on an
             # H100, pythia-1.4b at micro-batch 4 fit one at a time but not three together.
-            log(args, "out of memory with every variant resident: measuring one variant at a time")
-            trainees.clear()
+            log("out of memory with every row resident: measuring one row at a time")
+            for r in rows.values():
+                r.release()
+            rows.clear()
             act.clear()
             status.update({n: "ok" for n in names})
             free_memory(args.device)
             alternate = False
     if not alternate:
         for n in names:
-            t = build(n)
-            if t is not None:
-                run_steps(t, args.steps)
-                trainees[n] = t
-                t.model = t.optimizer = t.masters = t.params = t.loss = None  # keep the numbers only
+            r = build(n)
+            if r is not None:
+                run_steps(r, args.steps)
+                rows[n] = r
+                r.release()  # keep the numbers only
                 free_memory(args.device)
-    return [row(args, n, cfgs[n], trainees.get(n), status[n], act.get(n)) for n in names]
+    out = [row(args, n, cfgs[n], rows.get(n), status[n], act.get(n)) for n in names]
+    for r in rows.values():
+        if r.engine is not None:
+            r.release()
+    return out, engine_info
 
 
-def row(args, name: str, cfg: ModelConfig, t: Optional[Trainee], status: str, act: Optional[int]) -> dict:
+def describe_engine(r: Row) -> dict:
+    """What the timed step is: the trainer's step class, the ZeRO stage, precision and the
+    gradient accumulation dtype in force (parallel/deepspeed_config.py)."""
+    from mesh_megatron.parallel.deepspeed_config import gradient_dtypes, zero_stage
+
+    accum_dtype, reduce_dtype = gradient_dtypes(r.run.ds_config)
+    return {"step": type(r.step_strategy).__name__, "ds_config": r.args.ds_config,
+            "zero_stage": zero_stage(r.run.ds_config), "precision": r.run.train.precision,
+            "grad_accum": r.args.grad_accum, "grad_accum_dtype": accum_dtype, "grad_reduce_dtype": reduce_dtype,
+            "optimizer": type(r.engine.optimizer).__name__}
+
+
+def row(args, name: str, cfg: ModelConfig, r: Optional[Row], status: str, act: Optional[int]) -> dict:
     peak = device_peak(args)
-    r = {
+    out = {
         "preset": args.preset, "variant": name, "layout": str(cfg.parsed_layout),
-        "compute_depth": cfg.compute_depth, "status": status,
-        "params": t.num_params if t else None,
+        "compute_depth": cfg.compute_depth, "status": status, "compiled": name.endswith(COMPILED),
+        "params": r.num_params if r else None,
         "flops_per_token": training_flops_per_token(cfg, args.seq_length),
         "tokens_per_s": None, "step_s": None, "tflops": None, "mfu": None,
         "activation_gib": act / GIB if act is not None else None,
-        "peak_mem_gib": None, "final_loss": None, "core_attention": t.core_attention if t else None,
+        "peak_mem_gib": None, "final_loss": None, "losses": r.losses if r else None,
+        "core_attention": r.core_attention if r else None, "compiled_layers": r.compiled_layers if r else None,
     }
-    if t is not None and status == "ok" and t.times:
-        step = statistics.median(t.times)
-        tps = args.micro_batch_size * args.seq_length / step
-        r.update(step_s=step, tokens_per_s=tps, tflops=tps * r["flops_per_token"] / 1e12,
-                 final_loss=t.losses[-1])
-        r["mfu"] = tps * r["flops_per_token"] / peak if peak else None
+    if r is not None and status == "ok" and r.times:
+        step = statistics.median(r.times)
+        tps = args.micro_batch_size * args.grad_accum * args.seq_length / step
+        out.update(step_s=step, tokens_per_s=tps, tflops=tps * out["flops_per_token"] / 1e12,
+                   final_loss=r.losses[-1])
+        out["mfu"] = tps * out["flops_per_token"] / peak if peak else None
         if args.device == "cuda":
-            r["peak_mem_gib"] = (t.resident + t.step_peak) / GIB
-    return r
+            out["peak_mem_gib"] = (r.resident + r.step_peak) / GIB
+    return out
 
 
 def device_peak(args) -> Optional[float]:
     """The peak FLOP/s MFU divides by, as in the trainer's log (training/metrics.py)."""
     if args.device != "cuda":
         return None
-    peak = run_peak("bf16" if args.bf16 else "fp32")
+    peak = run_peak(args.precision)
     return peak.flops if peak else None
 
 
 def peak_name(args) -> Optional[str]:
-    peak = run_peak("bf16" if args.bf16 else "fp32") if args.device == "cuda" else None
+    peak = run_peak(args.precision) if args.device == "cuda" else None
     return f"{peak.card.name} dense {peak.kind} {peak.flops / 1e12:g} TFLOP/s" if peak else None
 
 
@@ -396,14 +470,16 @@ def add_ratios(rows: list[dict]) -> None:
             r[f"vs_{key}"] = r["step_s"] / ref[key] if r["step_s"] and ref.get(key) else None
         other = next((n for n in ref if n.startswith(r["variant"] + "@")), None)  # --vs-attention
         r["vs_attention"] = r["step_s"] / ref[other] if other and r["step_s"] and ref[other] else None
+        eager = r["variant"][:-len(COMPILED)] if r["compiled"] else None
+        r["vs_eager"] = r["step_s"] / ref[eager] if eager and r["step_s"] and ref.get(eager) else None
 
 
-def header(args: argparse.Namespace) -> dict:
+def header(args: argparse.Namespace, engine: dict) -> dict:
     return {
-        "device": device_name(args.device), "mfu_peak": peak_name(args), "dtype": "bf16" if args.bf16 else "fp32",
+        "device": device_name(args.device), "mfu_peak": peak_name(args), "dtype": args.precision,
         "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size, "steps": args.steps,
         "warmup": args.warmup, "recompute": args.recompute, "attention_backend": args.attention_backend,
-        "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **engine, "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
 
 
@@ -411,32 +487,38 @@ def fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def table(args: argparse.Namespace, rows: list[dict]) -> str:
-    h = header(args)
-    lines = [f"{args.preset}, seq {args.seq_length}, micro-batch {args.micro_batch_size}, {h['dtype']}, "
-             f"recompute {args.recompute}, attention {args.attention_backend}, {h['device']}"
-             + (f" (MFU of the {h['mfu_peak']})" if h["mfu_peak"] else "") + ", "
+def table(args: argparse.Namespace, rows: list[dict], head: dict) -> str:
+    extra = ([f"vs @{args.vs_attention}"] if args.vs_attention else []) + (["vs eager"] if args.compile else [])
+    lines = [f"{args.preset}, seq {args.seq_length}, micro-batch {args.micro_batch_size} x grad-accum "
+             f"{args.grad_accum}, {head['dtype']}, ZeRO {head.get('zero_stage', '?')} "
+             f"({os.path.basename(args.ds_config)}"
+             + (f" with --zero-stage {args.zero_stage}" if args.zero_stage is not None else "")
+             + f"; gradients accumulated in {head.get('grad_accum_dtype', '?')}), "
+             f"the trainer's {head.get('step', '?')}, recompute {args.recompute}, attention "
+             f"{args.attention_backend}, {head['device']}"
+             + (f" (MFU of the {head['mfu_peak']})" if head["mfu_peak"] else "") + ", "
              f"median of {args.steps} steps after {args.warmup} warm-up",
              "",
              "| variant | layout | params | tokens/s | s/step | TFLOP/s | MFU | act GiB | peak GiB "
-             "| vs base | vs vanilla |" + (f" vs @{args.vs_attention} |" if args.vs_attention else ""),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.vs_attention else "")]
+             "| vs base | vs vanilla |" + "".join(f" {e} |" for e in extra),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['variant']} | {r['layout']} | {r['status']} |" + " |" * (8 + bool(args.vs_attention)))
+            lines.append(f"| {r['variant']} | {r['layout']} | {r['status']} |" + " |" * (8 + len(extra)))
             continue
         name = "HF GPTNeoX (sdpa)" if r["variant"] == HF else r["variant"]
         mfu = fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f")
+        cells = ([fmt(r["vs_attention"], ".3f")] if args.vs_attention else []) + \
+            ([fmt(r["vs_eager"], ".3f")] if args.compile else [])
         lines.append(
             f"| {name} | {r['layout']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | "
             f"{r['step_s']:.4f} | {r['tflops']:.2f} | {mfu}{'%' if r['mfu'] else ''} | "
             f"{fmt(r['activation_gib'], '.3f')} | {fmt(r['peak_mem_gib'], '.2f')} | "
-            f"{fmt(r['vs_base'], '.3f')} | {fmt(r['vs_vanilla'], '.3f')} |"
-            + (f" {fmt(r['vs_attention'], '.3f')} |" if args.vs_attention else ""))
+            f"{fmt(r['vs_base'], '.3f')} | {fmt(r['vs_vanilla'], '.3f')} |" + "".join(f" {c} |" for c in cells))
     return "\n".join(lines) + "\n"
 
 
-def log(args: argparse.Namespace, msg: str) -> None:
+def log(msg: str) -> None:
     print(f"[throughput {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
@@ -451,19 +533,43 @@ def write_outputs(out: str, md: str, rows: list[dict], head: dict) -> None:
         os.replace(tmp, os.path.join(out, name))
 
 
+def prepare(args: argparse.Namespace, scratch: str) -> None:
+    """Write the ds_config the rows parse (with --zero-stage applied) into `scratch`, as a file
+    like a user's, and check every row's flags before any is built (exit 2, one line)."""
+    args.ds_path = os.path.join(scratch, "ds_config.json")
+    with open(args.ds_path, "w") as f:
+        json.dump(args.ds, f)
+    try:
+        for n in row_names(args):
+            run_config(args, n, scratch)
+    except ConfigError as e:
+        print(f"throughput.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from mesh_megatron.parallel.initialize import initialize_distributed, set_seed
+    import deepspeed
 
-    initialize_distributed(ParallelConfig())
-    set_seed(0)
-    rows = measure(args)
+    from mesh_megatron.config import ParallelConfig
+    from mesh_megatron.parallel.initialize import backend, initialize_distributed, set_seed
+
+    scratch = tempfile.mkdtemp(prefix="mesh_throughput.")
+    try:
+        prepare(args, scratch)
+        initialize_distributed(ParallelConfig())
+        deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
+        set_seed(0)
+        rows, engine = measure(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     add_ratios(rows)
-    md = table(args, rows)
+    head = header(args, engine)
+    md = table(args, rows, head)
     print(md, end="")
     if args.out:
-        write_outputs(args.out, md, rows, header(args))
+        write_outputs(args.out, md, rows, head)
     return rows
 
 

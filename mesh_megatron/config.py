@@ -279,6 +279,8 @@ class ExecutionConfig:
     # none; loop = recompute each core iteration (and prelude/coda as blocks) in backward,
     # keeping only the states between iterations; layer = recompute each layer.
     recompute: str = "none"
+    # torch.compile of each transformer layer (model/compilation.py); off = eager.
+    compile: bool = False
 
     def validate(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -9,7 +9,8 @@ so slicing for the new layout is done by DeepSpeed at load on every rank.
 
 Source, any ZeRO-1/2 checkpoint this project writes (mp = pp_rank * TP + tp_rank):
 
-    SRC/iter_N/zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt
+    SRC/iter_N/zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt   (bf16 ZeRO-1: bf16_zero_pp_rank_...,
+                                                   DeepSpeed's BF16_Optimizer, same keys)
         ["optimizer_state_dict"]["param_slice_mappings"][group][name] = fragment (start, numel)
         ["optimizer_state_dict"]["single_partition_of_fp32_groups"][group]   flat fp32 master
         ["optimizer_state_dict"]["base_optimizer_state"]["state"][group]     exp_avg, exp_avg_sq, step
@@ -53,7 +54,9 @@ from mesh_megatron.config import ConfigError, ParallelConfig
 
 UNIVERSAL = "universal"
 _CHUNK_PREFIX = re.compile(r"^chunks\.\d+\.")
-_OPTIM_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+# ZeRO-1/2's files, and at bf16 ZeRO-1 those of DeepSpeed's BF16_Optimizer ("bf16_" prefix,
+# the same keys: param_slice_mappings, single_partition_of_fp32_groups, base_optimizer_state).
+_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 
@@ -66,7 +69,7 @@ def optimizer_files(ckpt: TrainingCheckpoint) -> dict[int, list[str]]:
     """mp rank -> its ZeRO partition files in data-parallel order; {} for a checkpoint without
     ZeRO optimizer shards (ZeRO-0 keeps Adam in the mp_rank file, an import has none)."""
     found: dict[int, dict[int, str]] = {}
-    for path in glob.glob(os.path.join(ckpt.path, "zero_pp_rank_*_mp_rank_*_optim_states.pt")):
+    for path in glob.glob(os.path.join(ckpt.path, "*zero_pp_rank_*_mp_rank_*_optim_states.pt")):
         m = _OPTIM_FILE.match(os.path.basename(path))
         if m:
             found.setdefault(int(m.group(2)), {})[int(m.group(1))] = path

@@ -32,6 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mesh_megatron.config import ExecutionConfig, ModelConfig, RecurrenceConfig
 from mesh_megatron.model.initialization import initialize_parameters, tag_tensor_parallel_weights
 from mesh_megatron.model.attention import backend_provider
+from mesh_megatron.model.compilation import compile_layers
 from mesh_megatron.model.layer_spec import neox_layer_spec
 from mesh_megatron.model.recursive_block import RecursiveBlock, StateObserver
 
@@ -40,7 +41,7 @@ class MeshGPTModel(MegatronModule):
     def __init__(self, config: ModelConfig, tf_config: TransformerConfig,
                  execution: Optional[ExecutionConfig] = None, stage=None, init_seed: Optional[int] = None,
                  recurrence: Optional[RecurrenceConfig] = None):
-        """`execution`: attention backend and activation recompute (default: auto, none).
+        """`execution`: attention backend, activation recompute, torch.compile (default: auto, none, off).
         `stage`: a pipeline_layout.Stage (which pieces live here); None = the whole model.
         `init_seed`: weights drawn per parameter name (model/initialization.py), so they do not
         depend on TP or PP; None draws the seed from torch's global generator.
@@ -89,6 +90,8 @@ class MeshGPTModel(MegatronModule):
                 config.hidden_size, self.padded_vocab_size, config=tf_config,
                 init_method=tf_config.init_method, bias=False, skip_bias_add=False, gather_output=False,
             )
+        if execution.compile:
+            compile_layers(self.block)
         tag_tensor_parallel_weights(self)
         if draw_weights:
             from megatron.core import parallel_state

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backprop-depth", type=int, default=None,
                    help="backpropagate through only the last k loop iterations (the first max(n - k, 0) run "
                         "under no_grad; Huginn's mean_backprop_depth); default: all")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer layer (the looped core is one compiled layer run K "
+                        "times); the first step pays the compilation. Same losses as eager to rounding")
     t.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader worker processes reading batches ahead (default 2 on GPU, 0 on CPU)")
     t.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
@@ -337,7 +340,8 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         tag = read_latest(args.load)
         check_model_config(args.load, tag, model)
         check_parallel_layout(args.load, tag, parallel)
-    execution = ExecutionConfig(attention_backend=args.attention_backend, recompute=args.recompute)
+    execution = ExecutionConfig(attention_backend=args.attention_backend, recompute=args.recompute,
+                                compile=bool(args.compile))
     from mesh_megatron.parallel.deepspeed_config import check_recompute
 
     check_recompute(ds, execution.recompute, model.core_shared and model.parsed_layout.loops > 1, args.ds_config)

@@ -96,12 +96,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def build_engine(model: torch.nn.Module, run: RunConfig):
+    """(DeepSpeed engine, fused AdamW?) around `model`: the run's AdamW (fused on CUDA), LR
+    schedule and finalized ds_config. The trainer's; benchmarks/throughput.py wraps Hugging
+    Face GPTNeoX with it too, so both train with the same optimizer settings."""
+    from mesh_megatron.parallel.engine import initialize_engine
+    from mesh_megatron.parallel.mpu import MegatronMPU
+
+    # The engine's device (DeepSpeed's accelerator: CUDA when there is one).
+    fused = fused_adamw_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    optimizer = adamw(model, run.train, fused=fused)
+    engine = initialize_engine(model, optimizer, cosine_with_warmup(optimizer, run.train), run.ds_config,
+                               MegatronMPU)
+    return engine, fused
+
+
 class Trainer:
     def __init__(self, run: RunConfig, datasets, tokenizer):
-        import deepspeed
         from megatron.core import parallel_state as ps
 
-        from mesh_megatron.parallel.mpu import MegatronMPU, mark_replicated_parameters
+        from mesh_megatron.parallel.mpu import mark_replicated_parameters
 
         self.run, self.tokenizer = run, tokenizer
         self.train_ds, self.valid_ds = datasets
@@ -140,13 +154,7 @@ class Trainer:
             model = MeshGPTModel(self.cfg, tf_config, execution=run.execution, init_seed=self.train.seed,
                                  recurrence=run.recurrence)
         self.counts = ParameterCounts.of(model)
-        # The engine's device (DeepSpeed's accelerator: CUDA when there is one).
-        self.fused_adamw = fused_adamw_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        optimizer = adamw(model, self.train, fused=self.fused_adamw)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=cosine_with_warmup(optimizer, self.train),
-            config=run.ds_config, mpu=MegatronMPU, dist_init_required=False,
-        )
+        self.engine, self.fused_adamw = build_engine(model, run)
         self.flops_per_token = training_flops_per_token(self.cfg, self.cfg.seq_length,
                                                         run.parallel.tensor_model_parallel_size)
         self.device = self.engine.device
@@ -286,7 +294,8 @@ class Trainer:
 
         ex = self.run.execution
         self.sinks.print(f"execution: attention {ex.attention_backend} "
-                         f"({', '.join(core_attention_names(self.engine.module))}); recompute {ex.recompute}")
+                         f"({', '.join(core_attention_names(self.engine.module))}); recompute {ex.recompute}; "
+                         f"compile {'on (each layer; the first step compiles)' if ex.compile else 'off'}")
         if self.run.recurrence.is_random or self.run.recurrence.backprop_depth is not None:
             self.sinks.print(describe_recurrence(self.run.recurrence, self.cfg.parsed_layout.loops))
         if self.pipelined:

@@ -308,23 +308,73 @@ def test_peak_table_names_the_card(device, card, bf16):
 
 
 def test_overlapped_reduction_is_off_for_a_recomputed_shared_core(tmp_path):
-    """A ZeRO-1 ds_config that overlaps the reduction with backward: under --recompute a looped
-    core's shared weights get their gradient once per recomputed iteration, which DeepSpeed's
-    overlapped hooks refuse ("Gradient computed twice"): the run reduces after backward then.
-    Unshared layers (vanilla) keep the overlap. (ZeRO-2 reduces in hooks with or without the
-    overlap and is refused: tests/unit/test_deepspeed_config.py. The training test that caught
-    it: tests/distributed/test_execution_parallel.py::test_recompute_loop_equals_none_in_training.)"""
+    """An overlapping ZeRO-1 ds_config (fp32: DeepSpeed's ZeRO optimizer, not BF16_Optimizer):
+    under --recompute a looped core's shared weights get their gradient once per recomputed
+    iteration, which DeepSpeed's overlapped hooks refuse ("Gradient computed twice"): the run
+    reduces after backward then. ZeRO-2 (examples/zero2.json) reduces in its hooks whatever
+    overlap_comm says, so it is refused (one line naming zero1.json). Unshared layers (vanilla)
+    keep the overlap. (The training test that caught it:
+    tests/distributed/test_execution_parallel.py::test_recompute_loop_equals_none_in_training.)"""
+    import json
+
+    from mesh_megatron.config import ConfigError
     from mesh_megatron.training import arguments
 
-    ds = json.load(open(os.path.join(ROOT, "examples", "zero1.json")))
+    zero1_overlap = tmp_path / "zero1_overlap.json"
+    ds = json.load(open(os.path.join(ROOT, "examples/zero1.json")))
     ds["zero_optimization"]["overlap_comm"] = True
-    (tmp_path / "zero1_overlap.json").write_text(json.dumps(ds))
+    zero1_overlap.write_text(json.dumps(ds))
 
-    def overlap(*flags):
-        run = arguments.parse(["--ds_config", str(tmp_path / "zero1_overlap.json"), "--save", str(tmp_path / "s"),
-                               *flags], world_size=1)
+    def overlap(ds_config, *flags):
+        run = arguments.parse(["--ds_config", str(ds_config), "--save", str(tmp_path / "s"), *flags],
+                              world_size=1)
         return run.ds_config["zero_optimization"]["overlap_comm"]
 
-    assert overlap() is True
-    assert overlap("--recompute", "loop") is False and overlap("--recompute", "layer") is False
-    assert overlap("--variant", "vanilla", "--layout", "6", "--recompute", "layer") is True
+    assert overlap(zero1_overlap) is True and overlap("examples/zero2.json") is True
+    assert overlap(zero1_overlap, "--recompute", "loop") is False
+    assert overlap(zero1_overlap, "--recompute", "layer") is False
+    with pytest.raises(ConfigError, match="ZeRO stage 2 cannot recompute a looped core"):
+        overlap("examples/zero2.json", "--recompute", "loop")
+    assert overlap("examples/zero2.json", "--variant", "vanilla", "--layout", "6", "--recompute", "layer") is True
+    assert overlap(zero1_overlap, "--variant", "vanilla", "--layout", "6", "--recompute", "layer") is True
+
+
+def test_bf16_zero1_checkpoint_reshards_and_resumes_exactly(megatron_single, tmp_path):
+    """bf16 at ZeRO-1 (examples/zero1.json, the recipes') is DeepSpeed's BF16_Optimizer, whose
+    optimizer files are `bf16_zero_pp_rank_*` (checkpoint/reshard.py once looked for
+    `zero_pp_rank_*` only and refused the checkpoint as 'no ZeRO-1/2 optimizer shards'). Saved
+    after 2 steps, converted by tools/convert_checkpoint.py to the universal format, resumed
+    into a fresh trainer: step 3 is the straight run's step 3, loss and gradient norm."""
+    import glob
+    import sys
+
+    from mesh_megatron.checkpoint.manager import CheckpointManager, lineage
+    from mesh_megatron.training.arguments import tokenizer_source
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import convert_checkpoint
+
+    straight, run = build_trainer(tmp_path / "a", "examples/zero1.json", ACCUM)
+    resumed = None
+    try:
+        for seed in (0, 1):
+            straight.train_step(batches(run, ACCUM, seed))
+        save = str(tmp_path / "ckpt")
+        straight._save(CheckpointManager(save, 2, run.parallel, *tokenizer_source(run.data),
+                                         run_id=lineage(save, None)))
+        assert [os.path.basename(p) for p in glob.glob(os.path.join(save, "iter_0000002", "*optim_states.pt"))] \
+            == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+        assert convert_checkpoint.main(["--load", save, "--save", str(tmp_path / "universal")]) == 0
+        resumed, _ = build_trainer(tmp_path / "b", "examples/zero1.json", ACCUM)
+        resumed.resume(str(tmp_path / "universal"), "iter_0000002")
+        assert resumed.iteration == 2
+        loss_a, _ = straight.train_step(batches(run, ACCUM, 2))
+        loss_b, _ = resumed.train_step(batches(run, ACCUM, 2))
+        # The same fp32 masters, Adam moments, step and LR position: the same step (bitwise here).
+        assert loss_b == pytest.approx(loss_a, rel=1e-6, abs=0)
+        assert float(resumed.engine.get_global_grad_norm()) == \
+            pytest.approx(float(straight.engine.get_global_grad_norm()), rel=1e-6, abs=0)
+    finally:
+        straight.engine.destroy()
+        if resumed is not None:
+            resumed.engine.destroy()
