@@ -196,7 +196,8 @@ class HFCausalLM(torch.nn.Module):
         )
         self.hf = GPTNeoXForCausalLM._from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
 
-    def forward(self, input_ids, labels=None):
+    def forward(self, input_ids, labels=None, recurrence_key=None):
+        # recurrence_key: what the trainer's step passes every model (a plain stack ignores it)
         logits = self.hf(input_ids=input_ids).logits  # [b, s, v]
         if labels is None:
             return logits
