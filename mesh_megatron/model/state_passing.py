@@ -152,6 +152,10 @@ class MeshStatePassing(nn.Module):
 def build_state_passing(config: ModelConfig) -> nn.Module:
     """The state-passing module of a looped (or vanilla+mesh) model."""
     layout = config.parsed_layout
+    if config.is_mor:
+        from mesh_megatron.model.mor import MoRStatePassing
+
+        return MoRStatePassing(config)
     if config.is_mesh:
         return MeshStatePassing(config.hidden_size, config.slots, layout.loops, config.router_margin)
     if config.variant == "learned":

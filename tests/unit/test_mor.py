@@ -1,0 +1,230 @@
+"""Mixture-of-Recursions, expert choice (model/mor.py).
+
+Capacity 1 everywhere is the dense recursion h + g * core(h) exactly; below 1 the core sees
+exactly the kept tokens, in causal order, each at its own rotary position, and equals running
+each sequence's kept tokens alone; a dropped token never comes back; the auxiliary loss reaches
+the routers through MoEAuxLossAutoScaler with exactly its weight, and without it the routers
+learn only through the gate."""
+
+import pytest
+import torch
+
+from mesh_megatron.config import ConfigError, ExecutionConfig, preset, to_transformer_config, validate
+from mesh_megatron.model import MeshGPTModel
+from mesh_megatron.model.mor import AuxLossScale, MoRStatePassing, aux_losses, gather_rotary
+from mesh_megatron.parallel.initialize import set_seed
+
+SEQ, BATCH = 16, 2
+
+
+def build(layout="1+2R2+1", seed=11, execution=None, **overrides):
+    cfg = preset("tiny", "mor", layout, **{"seq_length": SEQ, **overrides})
+    validate(cfg)
+    return MeshGPTModel(cfg, to_transformer_config(cfg), execution=execution, init_seed=seed)
+
+
+def tokens(seed=0):
+    t = torch.randint(0, 4096, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+    return t[:, :-1], t[:, 1:]
+
+
+@torch.no_grad()
+def spread_routers(model, seed=4, scale=0.5):
+    """Router weights large enough that the scores differ clearly between tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    for r in model.block.state_passing.routers:
+        r.weight.copy_(torch.randn(r.weight.shape, generator=gen) * scale / r.weight.shape[1] ** 0.5)
+
+
+def head(model, h):
+    logits, _ = model.output_layer(model.final_layernorm(h))
+    return logits.transpose(0, 1)
+
+
+def dense_logits(model, inputs):
+    """The plain recursion with MoR's update at every token: h + alpha * sigmoid(router(h)) * core(h)."""
+    block, sp = model.block, model.block.state_passing
+    rot = model.rotary_pos_emb(inputs.shape[1])
+    h = block._run(block.prelude.values(), model.embed(inputs), rot, None)
+    for t in range(block.loops):
+        _, g = sp.scores(t, h)
+        h = h + g[..., None] * block._run(block.core, h, rot, None, t)
+    return head(model, block._run(block.coda.values(), h, rot, None))
+
+
+def per_sequence_logits(model, inputs):
+    """Each sequence alone, its kept tokens (as the model chose them) run as a short sequence
+    with their own rotary rows: what the batched gather must equal."""
+    block, sp = model.block, model.block.state_passing
+    rot = model.rotary_pos_emb(inputs.shape[1])
+    h = block._run(block.prelude.values(), model.embed(inputs), rot, None)
+    for t, routing in enumerate(sp.last):
+        _, g = sp.scores(t, h)
+        cols = []
+        for b in range(inputs.shape[0]):
+            idx = routing.index[:, b]
+            y = block._run(block.core, h[idx, b:b + 1], rot[idx], None, t)  # [k, 1, h]
+            col = h[:, b:b + 1].clone()
+            col[idx] = col[idx] + g[idx, b:b + 1, None] * y
+            cols.append(col)
+        h = torch.cat(cols, dim=1)
+    return head(model, block._run(block.coda.values(), h, rot, None))
+
+
+@torch.no_grad()
+def test_capacity_one_is_the_dense_recursion_exactly(megatron_single):
+    model = build(mor_capacities="1,1")
+    spread_routers(model)
+    inputs, _ = tokens()
+    assert torch.equal(model(inputs), dense_logits(model, inputs))
+    # and the gate matters: another router gives other logits
+    model.block.state_passing.routers[0].bias.add_(1.0)
+    assert not torch.allclose(model(inputs), dense_logits(build(mor_capacities="1,1"), inputs))
+
+
+@torch.no_grad()
+def test_core_runs_exactly_the_kept_tokens_in_causal_order(megatron_single):
+    model = build("1+1R3+1", mor_capacities="1,0.75,0.5")
+    spread_routers(model)
+    seen = []
+    model.block.core[0].register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    inputs, _ = tokens()
+    logits = model(inputs)
+    assert seen == [(16, BATCH, 64), (12, BATCH, 64), (8, BATCH, 64)]
+    routes = model.block.state_passing.last
+    assert [tuple(r.index.shape) for r in routes] == [(16, BATCH), (12, BATCH), (8, BATCH)]
+    for prev, cur in zip(routes, routes[1:]):
+        assert (cur.index[1:] > cur.index[:-1]).all()  # causal order
+        for b in range(BATCH):  # a token dropped at r is never selected later
+            assert set(cur.index[:, b].tolist()) <= set(prev.index[:, b].tolist())
+            assert cur.active[:, b].sum() == prev.index.shape[0]
+    # the two sequences keep different tokens (routing is per sequence)
+    assert not torch.equal(routes[2].index[:, 0], routes[2].index[:, 1])
+    # each kept token is the best-scoring active one: the k-th kept >= every dropped active
+    for r in routes:
+        g = torch.sigmoid(r.logits)
+        for b in range(BATCH):
+            kept = torch.zeros(SEQ, dtype=torch.bool)
+            kept[r.index[:, b]] = True
+            dropped = r.active[:, b] & ~kept
+            if dropped.any():
+                assert g[kept, b].min() >= g[dropped, b].max()
+    ref = per_sequence_logits(model, inputs)
+    assert (logits - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_gathered_rotary_rows_are_the_tokens_own_positions():
+    rot = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 1, 4)
+    index = torch.tensor([[0, 2], [3, 5], [7, 6]])
+    got = gather_rotary(rot, index)
+    assert got.shape == (3, 2, 1, 4) and torch.equal(got[..., 0, 0], index.float())
+
+
+def router_grads(model, inputs, labels, detach_gate=False, monkeypatch=None):
+    AuxLossScale.set(1.0)
+    model.zero_grad()
+    model.train()
+    if detach_gate:
+        step = MoRStatePassing.step
+
+        def detached(self, r, h, y, carry):
+            routing = carry.routing
+            return step(self, r, h, y, carry._replace(routing=routing._replace(gate=routing.gate.detach())))
+        monkeypatch.setattr(MoRStatePassing, "step", detached)
+    model(inputs, labels=labels).mean().backward()
+    sp = model.block.state_passing
+    return sp.records.pop(), [r.weight.grad.clone() if r.weight.grad is not None else torch.zeros_like(r.weight)
+                              for r in sp.routers]
+
+
+@pytest.mark.parametrize("capacities", ["1,1", "1,0.5"])
+def test_aux_loss_reaches_the_routers_with_its_weight(megatron_single, capacities):
+    """grad(weight w) - grad(weight 0) == w * grad(BCE): the autoscaler adds exactly the auxiliary
+    loss's gradient (at capacity 1 too, where BCE pushes every logit towards 'kept')."""
+    inputs, labels = tokens()
+    w = 0.25
+    lm = build(mor_capacities=capacities, mor_aux_weight=0.0)
+    both = build(mor_capacities=capacities, mor_aux_weight=w)
+    _, g0 = router_grads(lm, inputs, labels)
+    rec, gw = router_grads(both, inputs, labels)
+    # the BCE alone, through the same routing, from the states each router read
+    sp = both.block.state_passing
+    states = router_inputs(both, inputs)
+    sp.records.clear()
+    bce = sum(aux_losses(r._replace(logits=sp.routers[t](h).squeeze(-1).float()))[0]
+              for t, (r, h) in enumerate(zip(sp.last, states)))
+    assert torch.allclose(bce.detach(), rec[0].float(), rtol=1e-6)
+    gb = torch.autograd.grad(bce, [r.weight for r in sp.routers])
+    for a, b, c in zip(gw, g0, gb):
+        assert c.abs().sum() > 0
+        assert torch.allclose(a - b, w * c, rtol=1e-4, atol=1e-9 * float(c.abs().max()))
+
+
+def router_inputs(model, inputs):
+    """The state entering each iteration (what its router read, with its graph: a later router's
+    BCE reaches an earlier router through the gate), from the observer."""
+    states = {}
+    model(inputs, observe=lambda name, h: states.__setitem__(name, h))
+    return [states[f"h{t}"] for t in range(model.block.loops)]
+
+
+def test_without_aux_loss_routers_learn_only_through_the_gate(megatron_single, monkeypatch):
+    inputs, labels = tokens()
+    model = build(mor_capacities="1,0.5", mor_aux_weight=0.0)
+    spread_routers(model)
+    _, grads = router_grads(model, inputs, labels)
+    assert all(g.abs().sum() > 0 for g in grads)
+    # the same with the gate's gradient cut: nothing else reaches them (top-k is not differentiable)
+    _, grads = router_grads(model, inputs, labels, detach_gate=True, monkeypatch=monkeypatch)
+    assert all(g.abs().sum() == 0 for g in grads)
+
+
+def test_recompute_loop_equals_none(megatron_single):
+    out = []
+    for mode in ("none", "loop"):
+        model = build(mor_capacities="1,0.5", mor_z_loss=0.01, execution=ExecutionConfig(recompute=mode))
+        spread_routers(model)
+        set_seed(5)
+        AuxLossScale.set(1.0)
+        inputs, labels = tokens()
+        model.train()
+        model(inputs, labels=labels).mean().backward()
+        out.append({n: p.grad for n, p in model.named_parameters()})
+    assert model.block.recomputed == 4
+    for n in out[0]:
+        assert torch.allclose(out[1][n], out[0][n], rtol=1e-5, atol=1e-8), n
+
+
+def test_aux_loss_decreases_in_a_short_run(megatron_single):
+    """The router learns to predict its own top-k: the BCE (summed over the 2 iterations) falls
+    from 1.28 to 0.36 over 40 Adam steps at weight 0.1 (at the default 0.001, 1.28 -> 1.16: slower,
+    the gate's own gradient dominates)."""
+    model = build(mor_capacities="1,0.5", mor_aux_weight=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    AuxLossScale.set(1.0)
+    model.train()
+    bce = []
+    for step in range(40):
+        inputs, labels = tokens(seed=step % 4)
+        opt.zero_grad()
+        model(inputs, labels=labels).mean().backward()
+        opt.step()
+        bce.append(float(model.block.state_passing.records.pop()[0]))
+    assert sum(bce[-5:]) / 5 < 0.5 * sum(bce[:5]) / 5, bce
+
+
+def test_mor_flags_are_checked():
+    with pytest.raises(ConfigError, match="one capacity per iteration"):
+        validate(preset("tiny", "mor", mor_capacities="1"))
+    with pytest.raises(ConfigError, match="never grow"):
+        validate(preset("tiny", "mor", mor_capacities="0.5,1"))
+    with pytest.raises(ConfigError, match="never grow"):
+        validate(preset("tiny", "mor", mor_capacities="1,0"))
+    with pytest.raises(ConfigError, match="malformed"):
+        validate(preset("tiny", "mor", mor_capacities="1,x"))
+    with pytest.raises(ConfigError, match="no MoR routers"):
+        validate(preset("tiny", "mesh", mor_capacities="1,0.5"))
+    with pytest.raises(ConfigError, match="mor_routing 'bogus' is unknown"):
+        validate(preset("tiny", "mor", mor_routing="bogus"))
+    assert preset("tiny", "mor", layout="1+1R4+1").capacities == (1.0, 0.75, 0.5, 0.25)
+    assert preset("tiny", "mor", mor_capacities=[1, 0.5]).capacities == (1.0, 0.5)
