@@ -228,3 +228,26 @@ def test_mor_flags_are_checked():
         validate(preset("tiny", "mor", mor_routing="bogus"))
     assert preset("tiny", "mor", layout="1+1R4+1").capacities == (1.0, 0.75, 0.5, 0.25)
     assert preset("tiny", "mor", mor_capacities=[1, 0.5]).capacities == (1.0, 0.5)
+
+
+def test_flops_count_the_tokens_each_iteration_processes(megatron_single, capsys):
+    """tiny 1+2R2+1, capacities 1, 0.5 at s = 128: 5 layers per token for the matmuls
+    (1 + 2 * (1 + 0.5) + 1), 4.5 for attention (1 + 2 * (1 + 0.25) + 1), routers K * h."""
+    import json
+
+    from mesh_megatron.model.accounting import processed_fractions, training_flops_per_token
+    from tools.model_summary import main
+
+    h, V, s = 64, 4096, 128
+    cfg = preset("tiny", "mor", mor_capacities="1,0.5")
+    assert training_flops_per_token(cfg) == 6 * (5 * 12 * h * h + 2 * h + h * V) + 12 * 4.5 * h * s == 3_490_560
+    # capacity 1 everywhere: base's count plus the routers
+    full = preset("tiny", "mor", mor_capacities="1,1")
+    assert training_flops_per_token(full) - training_flops_per_token(preset("tiny", "base")) == 6 * 2 * h
+    # k_r as the model keeps it (int(capacity * s)): what test_core_runs_exactly_the_kept_tokens counts
+    assert processed_fractions(preset("tiny", "mor", "1+1R3+1", seq_length=16, mor_capacities="1,0.75,0.5")) == (1, 0.75, 0.5)
+    assert processed_fractions(preset("tiny", "mor", "1+1R3+1", seq_length=10)) == (1.0, 0.6, 0.3)
+    assert main(["--variant", "mor", "--mor-capacities", "1,0.5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["flops_per_token"] == 3_490_560 and out["router"] == 2 * (h + 1)
+    assert out["processed_fractions"] == [1.0, 0.5] and out["effective_depth"] == [5.0, 4.5]
