@@ -185,7 +185,7 @@ class ModelConfig:
             self.relax_biases = self.relax_norms = True
         self.lora_targets = ",".join(parse_lora_targets(self.lora_targets))
         if isinstance(self.mor_capacities, (list, tuple)):  # a YAML list
-            self.mor_capacities = ",".join(f"{float(c):g}" for c in self.mor_capacities)
+            self.mor_capacities = ",".join(repr(float(c)) for c in self.mor_capacities)
 
     # ---- derived views (never stored twice) ----
     @property

@@ -304,6 +304,9 @@ def _mesh_model_config(hf_dir: str, rows: int, seq_length: Optional[int], tp: in
         lora_rank=getattr(hf, "lora_rank", 0), lora_alpha=getattr(hf, "lora_alpha", None),
         lora_targets=getattr(hf, "lora_targets", ModelConfig.lora_targets),
         relax_biases=getattr(hf, "relax_biases", False), relax_norms=getattr(hf, "relax_norms", False),
+        **(dict(mor_routing=hf.mor_routing, mor_alpha=float(hf.mor_alpha), mor_kv=hf.mor_kv,
+                mor_capacities=",".join(repr(float(c)) for c in hf.mor_capacities) if hf.mor_capacities else None)
+           if hf.state_passing == "mor" else {}),
         vocab_size=rows, make_vocab_size_divisible_by=vocab_divisor(rows, tp),
         seq_length=seq_length or hf.max_position_embeddings,
         scale_embeddings=bool(scale), layernorm_epsilon=hf.layer_norm_eps,

@@ -135,7 +135,7 @@ def _model_field(value: Any, name: str, where: str) -> Any:
         if name == "lora_rank" and value == "full":
             return value
         if name == "mor_capacities" and isinstance(value, list):  # [1.0, 0.5] -> "1,0.5"
-            return ",".join(f"{float(c):g}" for c in value)
+            return ",".join(repr(float(c)) for c in value)
         if kind is bool:
             if not isinstance(value, bool):
                 raise ValueError

@@ -251,3 +251,92 @@ def test_flops_count_the_tokens_each_iteration_processes(megatron_single, capsys
     out = json.loads(capsys.readouterr().out)
     assert out["flops_per_token"] == 3_490_560 and out["router"] == 2 * (h + 1)
     assert out["processed_fractions"] == [1.0, 0.5] and out["effective_depth"] == [5.0, 4.5]
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face export (hf/modeling_mesh.py)
+
+
+@pytest.fixture
+def exported(megatron_single, tmp_path):
+    """A MoR training model (capacities 1, 0.5, spread routers), saved as training does and exported."""
+    from test_export import save_like_training
+
+    from mesh_megatron.conversion.to_hf import export_to_hf
+
+    cfg = preset("tiny", "mor", seq_length=32, mor_capacities="1,0.5")
+    model = MeshGPTModel(cfg, to_transformer_config(cfg), init_seed=3).eval()
+    spread_routers(model, scale=2.0)
+    save_like_training(tmp_path / "ckpt", cfg, model.state_dict())
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
+    return model, tmp_path / "hf"
+
+
+def load(path, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32, **overrides).eval()
+
+
+def test_export_full_sequence_forward_routes_as_training(exported):
+    import json
+
+    model, path = exported
+    config = json.loads((path / "config.json").read_text())
+    assert (config["state_passing"], config["mor_capacities"], config["mor_alpha"], config["mor_kv"]) == \
+        ("mor", [1.0, 0.5], 0.1, "recursion")
+    hf = load(path)
+    ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)
+        got = hf(ids, output_hidden_states=True)
+    assert ((got.logits - want).abs().max() / want.abs().max()).item() <= 1e-5
+    # hidden states: h_1 differs from h_0 everywhere (capacity 1), h_2 from h_1 at exactly the 16 kept tokens
+    h0, h1, h2 = got.hidden_states[2:5]
+    assert (h1 - h0).abs().amax(-1).gt(0).all()
+    moved = (h2 - h1).abs().amax(-1).gt(0)  # [b, s]
+    kept = torch.zeros(32, 2, dtype=torch.bool).scatter_(0, model.block.state_passing.last[1].index, True).t()
+    assert torch.equal(moved, kept) and kept.sum(1).tolist() == [16, 16]
+    # and back: the import reads the MoR fields (and the routers, by the key map)
+    from mesh_megatron.checkpoint.reader import open_checkpoint
+    from mesh_megatron.conversion.from_hf import import_from_hf
+
+    import_from_hf(str(path), str(path.parent / "back"))
+    back = open_checkpoint(str(path.parent / "back")).model
+    assert (back.variant, back.capacities, back.mor_alpha, back.mor_kv) == ("mor", (1.0, 0.5), 0.1, "recursion")
+
+
+@pytest.mark.parametrize("kv", ["recursion", "share-first"])
+def test_export_cached_equals_uncached(exported, kv):
+    """Causal (threshold) routing: a prefix then one token at a time through the KV cache gives the
+    full sequence's logits, for both KV modes (chosen at load time); greedy generate() too."""
+    model, path = exported
+    hf = load(path, mor_kv=kv)
+    assert hf.config.mor_kv == kv
+    ids = torch.randint(0, 4096, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = hf(ids, mor_inference="threshold").logits
+        out = hf(ids[:, :12], use_cache=True, mor_inference="threshold")
+        cache, steps = out.cache, [out.logits]
+        for i in range(12, 20):
+            out = hf(ids[:, i:i + 1], cache=cache, use_cache=True)  # a cache: threshold under "auto"
+            cache = out.cache
+            steps.append(out.logits)
+    assert ((torch.cat(steps, 1) - full).abs().max() / full.abs().max()).item() <= 1e-5
+    chosen = cache.mor_selected  # [b, 20] per recursion: routing is not trivial, and hierarchical
+    assert len(chosen) == 2 and chosen[1].shape == (2, 20)
+    assert 0 < chosen[1].sum() < chosen[0].sum() and not (chosen[1] & ~chosen[0]).any()
+    # cache entries: prelude 0, core at recursion 0 (1, 2) and 1 (3, 4), coda 5; share-first never fills
+    # recursion 1's (it reads recursion 0's keys and values)
+    lengths = [layer.get_seq_length() for layer in cache.layers]
+    assert lengths == ([20, 20, 20, 0, 0, 20] if kv == "share-first" else [20] * 6), lengths
+    with torch.no_grad():
+        cached = hf.generate(ids[:1, :7], max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = hf.generate(ids[:1, :7], max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=False)
+    assert cached.shape == (1, 19) and torch.equal(cached, uncached)
+    if kv == "share-first":  # the KV mode matters: recursion-wise attention gives other logits
+        other = load(path)
+        with torch.no_grad():
+            assert not torch.allclose(other(ids, mor_inference="threshold").logits, full, rtol=1e-3)
+    with pytest.raises(ValueError, match="no KV cache"):
+        hf(ids, cache=cache, mor_inference="top-k")
