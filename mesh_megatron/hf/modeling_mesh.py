@@ -276,6 +276,7 @@ class MoRRouters(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.routers = nn.ModuleList(MoRRouter(config.hidden_size) for _ in range(config.num_loops))
+        self.last = []  # the last forward's (logits, processed, active) [batch, seq] per recursion (the probe's)
 
     def capacities(self, config):
         if config.mor_capacities is not None:
@@ -294,6 +295,7 @@ def mor_top_k_loop(model, h, run, position_ids, states):
     batch, seq, hidden = h.shape
     active = None
     positions = position_ids.expand(batch, -1)
+    mor.last = []
     for t, capacity in enumerate(mor.capacities(cfg)):
         logits = mor.routers[t](h)  # [batch, seq]
         gate = cfg.mor_alpha * torch.sigmoid(logits)
@@ -305,7 +307,9 @@ def mor_top_k_loop(model, h, run, position_ids, states):
         causal = torch.ones(k, k, dtype=torch.bool, device=h.device).tril()[None, None].expand(batch, 1, k, k)
         y = run(model.core_block(t), x, loop=t, mask=mor_mask(causal, h.dtype), rope=rope)
         h = h.scatter_add(1, index[..., None].expand(-1, -1, hidden), gate.gather(1, index)[..., None].to(y.dtype) * y)
-        active = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
+        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
+        mor.last.append((logits.detach(), kept, torch.ones_like(kept) if active is None else active))
+        active = kept
         states.append(h)
     return h
 
@@ -328,6 +332,7 @@ def mor_threshold_loop(model, h, run, attention_mask, cache, past, states):
     shared_kv = {}
     active = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
     selected = []
+    mor.last = []
     for t in range(cfg.num_loops):
         logits = mor.routers[t](h)
         gate = cfg.mor_alpha * torch.sigmoid(logits)
@@ -341,6 +346,7 @@ def mor_threshold_loop(model, h, run, attention_mask, cache, past, states):
         y = run(model.core_block(t), h, loop=t, mask=mor_mask(mask, h.dtype),
                 kv_share=(shared_kv, t > 0) if share else None)
         h = torch.where(chosen[..., None], h + gate[..., None].to(y.dtype) * y, h)
+        mor.last.append((logits.detach(), chosen, active))
         active = chosen
         states.append(h)
     if cache is not None:

@@ -340,3 +340,28 @@ def test_export_cached_equals_uncached(exported, kv):
             assert not torch.allclose(other(ids, mor_inference="threshold").logits, full, rtol=1e-3)
     with pytest.raises(ValueError, match="no KV cache"):
         hf(ids, cache=cache, mor_inference="top-k")
+
+
+def test_probe_reports_kept_fraction_and_router_scores(exported, tmp_path):
+    """Kept fraction per recursion is training's k_r / s exactly; the threshold fraction and agreement
+    are counted over the active tokens, and equal a direct count from the routers' logits."""
+    from mesh_megatron.analysis.probe import ProbeSettings, _Accumulator
+    from mesh_megatron.analysis.states import StateReader
+
+    model, path = exported
+    hf = load(path)
+    reader = StateReader(hf)
+    ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(4))
+    capture = reader(ids)
+    acc = _Accumulator(reader, ProbeSettings())
+    acc.add(capture)
+    mor = acc.result()["mor"]
+    assert mor["kept_fraction"] == [1.0, 0.5] and mor["active_fraction"] == [1.0, 1.0]
+    logits = [r[0] for r in capture.mor]
+    assert torch.equal(logits[0], hf.gpt_neox.mor.routers[0](capture.states[1]))  # router 0 reads h0
+    kept0 = capture.mor[0][1]
+    passing = torch.sigmoid(logits[1].double()) > 0.5  # at recursion 1 the active tokens are all (kept0)
+    assert mor["threshold_fraction"][1] == pytest.approx(passing[kept0].double().mean().item(), abs=1e-12)
+    agree = (passing == capture.mor[1][1])[kept0].double().mean().item()
+    assert mor["agreement"][1] == pytest.approx(agree, abs=1e-12) and 0 < agree < 1
+    assert all(abs(sum(row) - 1) < 1e-12 and len(row) == 10 for row in mor["score_histogram"])
