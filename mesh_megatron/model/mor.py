@@ -165,11 +165,12 @@ def mor_modules(model: nn.Module) -> list[MoRStatePassing]:
 
 
 def pop_records(models) -> tuple[Tensor, int]:
-    """The [bce, z] sum and count of the training forwards since the last call (logging)."""
-    total, count = torch.zeros(2, dtype=torch.float64), 0
+    """The [bce, z] sum (float64, on the records' device: no host sync) and count of the training
+    forwards since the last call (logging)."""
+    total, count = None, 0
     for model in models:
         for m in mor_modules(model):
             for rec in m.records:
-                total, count = total + rec.to(total.device, torch.float64), count + 1
+                total, count = (rec.double() if total is None else total + rec.double()), count + 1
             m.records = []
-    return total, count
+    return (torch.zeros(2, dtype=torch.float64) if total is None else total), count
