@@ -48,7 +48,10 @@ INPUT_INJECTIONS = ("none", "add", "concat-adapter")
 STATE_INITS = ("prelude", "noise")
 MESH_ROUTER_MARGIN = 4.0  # "base" init: target slot weight e^4 / (e^4 + B - 1), 0.93 at B = 5
 # `learned`: h_{t+1} = a1 * core(h_t) + a2 * h0 + a3 * h_emb, (a1, a2, a3) learned per loop step.
-VARIANTS = ("vanilla", *ADDITIVE_SUPPLEMENTS, "learned", *MESH_VARIANTS)
+# `mor`: Mixture-of-Recursions (model/mor.py): a router picks which tokens each iteration processes.
+VARIANTS = ("vanilla", *ADDITIVE_SUPPLEMENTS, "learned", *MESH_VARIANTS, "mor")
+MOR_ROUTINGS = ("expert-choice",)
+MOR_KV_MODES = ("recursion", "share-first")  # HF generation only (hf/modeling_mesh.py)
 
 # Relaxed sharing (model/relaxation.py): the core's linears that get a LoRA per loop iteration,
 # by their Pythia (HF) names, with our training names as aliases.
@@ -67,6 +70,16 @@ def parse_lora_targets(text: str) -> tuple[str, ...]:
                               f"{', '.join(LORA_TARGETS)} (or {', '.join(LORA_TARGET_ALIASES)})")
     chosen = {LORA_TARGET_ALIASES.get(i, i) for i in items}
     return tuple(t for t in LORA_TARGETS if t in chosen)
+
+
+def parse_capacities(text) -> tuple[float, ...]:
+    """`1.0,0.5` (or a list) -> (1.0, 0.5); a malformed entry is a ConfigError."""
+    items = text if isinstance(text, (list, tuple)) else [t for t in str(text).split(",") if t.strip()]
+    try:
+        return tuple(float(t) for t in items)
+    except ValueError:
+        raise ConfigError(f"mor_capacities {text!r} is malformed: give one fraction per loop iteration, "
+                          "e.g. --mor-capacities 1.0,0.5") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -170,12 +183,23 @@ class ModelConfig:
     lora_targets: str = ",".join(LORA_TARGETS)
     relax_biases: bool = False
     relax_norms: bool = False
+    # Mixture-of-Recursions (variant `mor`, model/mor.py, docs/MESH_METHOD.md section 9): routing
+    # mode; capacities, one per loop iteration, comma list (None -> (K - r) / K); router scale
+    # alpha; weights of the auxiliary BCE loss and of the router z-loss; the export's KV mode.
+    mor_routing: str = "expert-choice"
+    mor_capacities: Optional[str] = None
+    mor_alpha: float = 0.1
+    mor_aux_weight: float = 0.001
+    mor_z_loss: float = 0.0
+    mor_kv: str = "recursion"
 
     def __post_init__(self):
         if self.lora_rank == LORA_FULL:
             self.lora_rank = min(self.hidden_size, self.ffn_size)
             self.relax_biases = self.relax_norms = True
         self.lora_targets = ",".join(parse_lora_targets(self.lora_targets))
+        if isinstance(self.mor_capacities, (list, tuple)):  # a YAML list
+            self.mor_capacities = ",".join(repr(float(c)) for c in self.mor_capacities)
 
     # ---- derived views (never stored twice) ----
     @property
@@ -215,6 +239,18 @@ class ModelConfig:
         if not self.lora_rank:
             return 0.0
         return (self.lora_alpha if self.lora_alpha is not None else self.lora_rank) / self.lora_rank
+
+    @property
+    def is_mor(self) -> bool:
+        return self.variant == "mor"
+
+    @property
+    def capacities(self) -> tuple[float, ...]:
+        """MoR: the fraction of the sequence iteration r processes; default (K - r) / K."""
+        loops = self.parsed_layout.loops
+        if self.mor_capacities is None:
+            return tuple((loops - r) / loops for r in range(loops))
+        return parse_capacities(self.mor_capacities)
 
     @property
     def is_relaxed(self) -> bool:
@@ -332,6 +368,10 @@ def validate_recurrence(model: "ModelConfig", recurrence: RecurrenceConfig) -> N
     if (recurrence.is_random or recurrence.backprop_depth is not None) and not model.parsed_layout.is_looped:
         raise ConfigError(f"--recurrence-sampling/--backprop-depth need a looped model; variant "
                           f"{model.variant!r} with layout {model.layout!r} has no loop")
+    if model.is_mor and (recurrence.is_random or recurrence.backprop_depth is not None):
+        raise ConfigError("--recurrence-sampling/--backprop-depth with variant 'mor': its routers and "
+                          "--mor-capacities are one per iteration of exactly K, each trained through backward; "
+                          "drop them (MoR varies the depth per token itself)")
     if recurrence.is_random:
         if not model.core_shared:
             raise ConfigError(f"--recurrence-sampling {recurrence.sampling} needs a shared core: variant "
@@ -434,6 +474,9 @@ def _validate_injection(model: ModelConfig, layout: Layout) -> None:
         raise ConfigError(f"state_init {model.state_init!r} is unknown: choose one of {', '.join(STATE_INITS)}")
     if model.input_injection == "none" and model.state_init == "prelude":
         return
+    if model.is_mor:
+        raise ConfigError("--input-injection/--state-init noise with variant 'mor': MoR's routers gate the state "
+                          "itself on the tokens they select; drop them (input-injection none, state-init prelude)")
     if not model.core_shared:
         raise ConfigError(f"--input-injection/--state-init shape a shared loop; variant {model.variant!r} has none "
                           "(vanilla, vanilla+mesh): drop them or use a looped variant")
@@ -444,6 +487,36 @@ def _validate_injection(model: ModelConfig, layout: Layout) -> None:
         if model.input_injection == "none":
             raise ConfigError("--state-init noise needs --input-injection add or concat-adapter: otherwise the "
                               "prelude's output never reaches the loop")
+
+
+MOR_DEFAULTS = {"mor_routing": "expert-choice", "mor_capacities": None, "mor_alpha": 0.1,
+                "mor_aux_weight": 0.001, "mor_z_loss": 0.0, "mor_kv": "recursion"}
+
+
+def _validate_mor(model: ModelConfig) -> None:
+    if not model.is_mor:
+        changed = [k for k, v in MOR_DEFAULTS.items() if getattr(model, k) != v]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} set but variant {model.variant!r} has no MoR routers: drop "
+                              "them or use variant 'mor'")
+        return
+    if model.mor_routing not in MOR_ROUTINGS:
+        raise ConfigError(f"mor_routing {model.mor_routing!r} is unknown: choose one of {', '.join(MOR_ROUTINGS)}")
+    if model.mor_kv not in MOR_KV_MODES:
+        raise ConfigError(f"mor_kv {model.mor_kv!r} is unknown: choose one of {', '.join(MOR_KV_MODES)}")
+    caps, loops = model.capacities, model.parsed_layout.loops
+    if len(caps) != loops:
+        raise ConfigError(f"mor_capacities has {len(caps)} entries but the layout loops K={loops} times: give "
+                          f"one capacity per iteration (e.g. {','.join(f'{(loops - r) / loops:g}' for r in range(loops))})")
+    if any(not 0 < c <= 1 for c in caps) or any(b > a for a, b in zip(caps, caps[1:])):
+        raise ConfigError(f"mor_capacities {','.join(f'{c:g}' for c in caps)} must lie in (0, 1] and never grow "
+                          "(expert choice keeps a subset of the tokens still active): e.g. 1.0,0.5")
+    if int(caps[-1] * model.seq_length) < 1:
+        raise ConfigError(f"mor_capacities: {caps[-1]:g} x seq_length {model.seq_length} keeps no token at the last "
+                          "iteration: raise the capacity")
+    if not model.mor_alpha > 0 or model.mor_aux_weight < 0 or model.mor_z_loss < 0:
+        raise ConfigError(f"mor_alpha={model.mor_alpha} must be positive and mor_aux_weight={model.mor_aux_weight}, "
+                          f"mor_z_loss={model.mor_z_loss} non-negative")
 
 
 def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
@@ -493,6 +566,7 @@ def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
     _validate_router_init(model, layout)
     _validate_relaxation(model)
     _validate_injection(model, layout)
+    _validate_mor(model)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(model, name) < 1.0:
             raise ConfigError(f"{name}={getattr(model, name)} must be in [0, 1) (--{name.replace('_', '-')}: "

@@ -7,7 +7,8 @@
   python tools/ablate.py compare docs/ablation docs/ablation/study/lr1e-3   # one table of several --out
 
 Every variant gets the same layout (vanilla: the layout unrolled into P + C*K + Q distinct
-layers, so the compute depth is the same), the same recipe, the same tokens and, per seed,
+layers, so the compute depth is the same; `mor` at capacities below 1 processes fewer tokens per
+iteration, so it runs at less compute: model_summary.py --variant mor gives its FLOPs/token), the same recipe, the same tokens and, per seed,
 the same training and validation batches. One run per (variant, seed) trains to the largest
 budget on one cosine schedule and is validated every `interval` steps on the same held-out
 micro-batches; the budgets are multiples of that interval (so the smaller budgets are

@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-targets", default=None, help="comma list of core linears with adapters (default all)")
     p.add_argument("--relax-biases", action="store_true", help="per-iteration bias deltas")
     p.add_argument("--relax-norms", action="store_true", help="per-iteration LayerNorm deltas")
+    p.add_argument("--mor-capacities", default=None,
+                   help="--variant mor: fraction of the tokens each loop iteration processes (default (K - r) / K); "
+                        "FLOPs count the tokens processed")
     p.add_argument("--seq-length", type=int, default=None,
                    help="sequence length for the attention FLOPs term (default: the preset's)")
     p.add_argument("--pipeline", type=int, default=None,
@@ -74,7 +77,7 @@ def summarize(args: argparse.Namespace) -> dict:
 
     import dataclasses
 
-    from mesh_megatron.model.accounting import adapter_params, adapter_params_per_position
+    from mesh_megatron.model.accounting import adapter_params_per_position, effective_depths, processed_fractions
 
     if args.config:
         cfg = recipe_model(args)
@@ -82,7 +85,8 @@ def summarize(args: argparse.Namespace) -> dict:
         cfg = preset(args.preset or "tiny", args.variant or "mesh", args.layout)
     relax = {k: v for k, v in (("lora_rank", args.lora_rank), ("lora_targets", args.lora_targets),
                                ("relax_biases", args.relax_biases or None),
-                               ("relax_norms", args.relax_norms or None)) if v is not None}
+                               ("relax_norms", args.relax_norms or None),
+                               ("mor_capacities", args.mor_capacities)) if v is not None}
     if "lora_rank" in relax and relax["lora_rank"] != "full":
         try:
             relax["lora_rank"] = int(relax["lora_rank"])
@@ -103,7 +107,12 @@ def summarize(args: argparse.Namespace) -> dict:
         "lora_rank": cfg.lora_rank,
         "adapter_per_position": adapter_params_per_position(cfg),
         # 6 FLOPs per applied adapter parameter (forward + backward), in flops_per_token
-        "adapter_flops_per_token": 6 * adapter_params(cfg),
+        "adapter_flops_per_token": round(6 * sum(processed_fractions(cfg, args.seq_length))
+                                         * adapter_params_per_position(cfg)),
+        # Mixture-of-Recursions: per iteration the fraction of tokens processed (1 elsewhere), and
+        # the layers per token the FLOPs count (matmuls, attention): P + C * sum f_r (+ f_r^2)
+        "processed_fractions": list(processed_fractions(cfg, args.seq_length)),
+        "effective_depth": list(effective_depths(cfg, args.seq_length)),
         # Context for the table (not part of the fixed JSON keys' meaning).
         "layout": str(cfg.parsed_layout),
         "variant": cfg.variant,
@@ -168,6 +177,9 @@ def main(argv=None) -> int:
         ("bias/norm delta params", f"{summary['delta']:,}"),
         ("adapter train FLOPs/token", f"{summary['adapter_flops_per_token']:,}"),
         ("compute depth", summary["compute_depth"]), ("unique depth", summary["unique_depth"]),
+        *([("MoR tokens processed per iteration", ", ".join(f"{f:.3g}" for f in summary["processed_fractions"])),
+           ("MoR layers per token (matmul / attention)",
+            " / ".join(f"{d:.3g}" for d in summary["effective_depth"]))] if summary["variant"] == "mor" else []),
         (f"train FLOPs/token (seq {summary['seq_length']})", f"{summary['flops_per_token']:,}"),
     ] + [(f"  at mean recurrence R={r} (E[n] {v['expected_iterations']:.2f}, E[grad] {v['expected_with_grad']:.2f})",
           f"{v['flops_per_token']:,.0f}") for r, v in by_recurrence.items()]

@@ -12,6 +12,7 @@ at the depths of --layout), averaged over sequences:
   spectrum of each state          top-50 singular values / the largest
   state RMS                       sqrt(mean over tokens and channels of h^2) of each state
   MeSH routers                    mean write / read weight per step and slot
+  MoR routers (key mor)           per recursion: kept fraction, score > 0.5 fraction, agreement, score histogram
 Writes DIR/probe.json (keys states, relative_update, cka, spectrum, state_rms, routers, ...)
 and relative_update.png, cka.png, spectrum.png, state_rms.png, routers.png (MeSH).
 
@@ -96,6 +97,11 @@ def main(argv=None) -> int:
         r = result["routers"]
         print("mean read weight per step (slots 0..B-1): " + "; ".join(
             f"{s}: " + " ".join(f"{w:.2f}" for w in row) for s, row in zip(r["steps"], r["read"])))
+    if result.get("mor"):
+        m = result["mor"]
+        print("MoR per recursion: kept " + ", ".join(f"{f:.3f}" for f in m["kept_fraction"])
+              + " | router score > 0.5 among active " + ", ".join(f"{f:.3f}" for f in m["threshold_fraction"])
+              + " | agreement with top-k " + ", ".join(f"{f:.3f}" for f in m["agreement"]))
     print("wrote " + ", ".join(paths))
     return 0
 

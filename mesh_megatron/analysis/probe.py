@@ -234,6 +234,10 @@ class _Accumulator:
         self.write_sum = torch.zeros(steps, reader.slots, dtype=torch.float64)
         self.read_sum = torch.zeros(steps, reader.slots, dtype=torch.float64)
         self.router_tokens = 0
+        # MoR per recursion: [processed, active, tokens, threshold-passing active, agreeing active] and a
+        # 10-bin histogram of sigmoid(router logit) over the active tokens
+        self.mor_counts = None
+        self.mor_hist = None
 
     def add(self, capture) -> None:
         states = [x.float() for x in capture.states]  # [b, s, h] each
@@ -248,6 +252,17 @@ class _Accumulator:
             self.cka.append(metrics.cka_matrix(part, self.settings.cka_scale).cpu())
             self.spectra.append(torch.stack([metrics.normalized_spectrum(x, self.settings.spectrum_top)
                                              for x in part], dim=1).cpu())
+        if capture.mor:
+            counts, hist = [], []
+            for logits, kept, active in capture.mor:
+                score = torch.sigmoid(logits.double()).cpu()
+                kept, active = kept.cpu(), active.cpu()
+                passing = (score > 0.5) & active
+                counts.append([kept.sum(), active.sum(), kept.numel(), passing.sum(), ((passing == kept) & active).sum()])
+                hist.append(torch.histc(score[active], bins=10, min=0.0, max=1.0))
+            counts, hist = torch.tensor(counts, dtype=torch.float64), torch.stack(hist).double()
+            self.mor_counts = counts if self.mor_counts is None else self.mor_counts + counts
+            self.mor_hist = hist if self.mor_hist is None else self.mor_hist + hist
         if capture.write:
             # router outputs [b, s, B] per step -> summed over tokens
             self.write_sum += torch.stack([w.double().sum(dim=(0, 1)).cpu() for w in capture.write])
@@ -275,7 +290,20 @@ class _Accumulator:
             "state_rms": [{"state": name, "mean": float(m), "std": float(d)}
                           for name, m, d in zip(reader.names, rms.mean(0), std(rms))],
             "routers": routers,
+            "mor": self._mor(),
         }
+
+    def _mor(self):
+        """Per recursion: fraction of all tokens processed (training's top-k), fraction of the active ones
+        whose score passes 0.5 (what causal generation would process) and agreement of the two, and the
+        distribution of the router score sigmoid(logit) over the active tokens (10 bins over [0, 1])."""
+        if self.mor_counts is None:
+            return None
+        kept, active, tokens, passing, agree = self.mor_counts.unbind(-1)
+        return {"recursions": [f"loop {t}" for t in range(1, len(kept) + 1)],
+                "kept_fraction": (kept / tokens).tolist(), "active_fraction": (active / tokens).tolist(),
+                "threshold_fraction": (passing / active).tolist(), "agreement": (agree / active).tolist(),
+                "score_histogram": (self.mor_hist / self.mor_hist.sum(-1, keepdim=True)).tolist()}
 
 
 @torch.no_grad()

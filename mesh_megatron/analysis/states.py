@@ -33,6 +33,9 @@ class Capture:
     states: list[Tensor]
     write: list[Tensor]
     read: list[Tensor]
+    # MoR: per recursion (router logits, processed, active), each [b, s], of the full-sequence forward
+    # (training's top-k routing); empty for other variants
+    mor: tuple = ()
 
 
 class StateReader:
@@ -109,7 +112,8 @@ class StateReader:
             finally:
                 for h in hooks:
                     h.remove()
-            return Capture([hidden[i] for i in self._pick], write, read)
+            mor = tuple(base.mor.last) if getattr(base, "mor", None) is not None else ()
+            return Capture([hidden[i] for i in self._pick], write, read, mor)
 
         outputs: list[Tensor] = []
 

@@ -308,6 +308,9 @@ def _mesh_model_config(hf_dir: str, rows: int, seq_length: Optional[int], tp: in
         mesh_step_embedding=getattr(hf, "mesh_step_embedding", False),
         input_injection=getattr(hf, "input_injection", "none"),
         state_init=getattr(hf, "state_init", "prelude"),
+        **(dict(mor_routing=hf.mor_routing, mor_alpha=float(hf.mor_alpha), mor_kv=hf.mor_kv,
+                mor_capacities=",".join(repr(float(c)) for c in hf.mor_capacities) if hf.mor_capacities else None)
+           if hf.state_passing == "mor" else {}),
         vocab_size=rows, make_vocab_size_divisible_by=vocab_divisor(rows, tp),
         seq_length=seq_length or hf.max_position_embeddings,
         scale_embeddings=bool(scale), layernorm_epsilon=hf.layer_norm_eps,

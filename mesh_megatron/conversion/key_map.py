@@ -9,6 +9,7 @@
     block.state_passing.read_routers.{s}.*           gpt_neox.mesh.read_routers.{s}.*
     block.state_passing.scalars                      gpt_neox.state_scalars
     block.state_passing.step_embedding               gpt_neox.mesh.step_embedding   (mesh_routers: shared)
+    block.state_passing.routers.{r}.*                gpt_neox.mor.routers.{r}.*   (MoR)
     final_layernorm.*                                gpt_neox.final_layer_norm.*
     output_layer.weight                              embed_out.weight
 
@@ -69,6 +70,8 @@ _TRAIN_LAYER_RE = re.compile(r"^block\.(prelude|core|coda)\.(\d+)\.(.+)$")
 _TRAIN_ROUTER_RE = re.compile(r"^block\.state_passing\.(write_routers|read_routers)\.(\d+)\.(weight|bias)$")
 _HF_LAYER_RE = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
 _HF_ROUTER_RE = re.compile(r"^gpt_neox\.mesh\.(write_routers|read_routers)\.(\d+)\.(weight|bias)$")
+_TRAIN_MOR_RE = re.compile(r"^block\.state_passing\.routers\.(\d+)\.(weight|bias)$")
+_HF_MOR_RE = re.compile(r"^gpt_neox\.mor\.routers\.(\d+)\.(weight|bias)$")
 
 def stack_sizes(config: ModelConfig) -> tuple[int, int, int]:
     """(prelude, core, coda) layers HELD by the training model: vanilla is all prelude;
@@ -95,6 +98,9 @@ def to_hf_name(name: str, config: ModelConfig) -> Optional[str]:
     m = _TRAIN_ROUTER_RE.match(name)
     if m:
         return f"gpt_neox.mesh.{m.group(1)}.{m.group(2)}.{m.group(3)}"
+    m = _TRAIN_MOR_RE.match(name)
+    if m:
+        return f"gpt_neox.mor.routers.{m.group(1)}.{m.group(2)}"
     m = _TRAIN_LAYER_RE.match(name)
     if m:
         stack, index, rest = m.group(1), int(m.group(2)), m.group(3)
@@ -121,6 +127,9 @@ def from_hf_name(name: str, config: ModelConfig) -> Optional[str]:
     m = _HF_ROUTER_RE.match(name)
     if m:
         return f"block.state_passing.{m.group(1)}.{m.group(2)}.{m.group(3)}"
+    m = _HF_MOR_RE.match(name)
+    if m:
+        return f"block.state_passing.routers.{m.group(1)}.{m.group(2)}"
     m = _HF_LAYER_RE.match(name)
     if m:
         index, rest = int(m.group(1)), m.group(2)
@@ -237,6 +246,8 @@ def hf_config(config: ModelConfig, vocab_rows: int, *, bos_token_id: Optional[in
         lora_targets=config.lora_targets,
         relax_biases=config.relax_biases,
         relax_norms=config.relax_norms,
+        **(dict(mor_routing=config.mor_routing, mor_capacities=list(config.capacities),
+                mor_alpha=config.mor_alpha, mor_kv=config.mor_kv) if config.is_mor else {}),
     )
 
 

@@ -22,8 +22,11 @@ STATE_PASSING_VARIANTS = (
     "anchor+anchor_emb",
     "learned",
     "vanilla+mesh",
+    "mor",
 )
 MESH_VARIANTS = ("mesh", "vanilla+mesh")
+MOR_KV_MODES = ("recursion", "share-first")
+MOR_INFERENCE = ("auto", "threshold", "top-k")
 
 
 @strict
@@ -64,6 +67,18 @@ class MeshGPTNeoXConfig(PretrainedConfig):
             layers only: a rank-lora_rank adapter per loop step on each of lora_targets (comma list of
             query_key_value, dense, dense_h_to_4h, dense_4h_to_h), scaled by lora_alpha / lora_rank (None: 1),
             and per-step bias / LayerNorm deltas. 0 / False: the plain recursion.
+        mor_routing, mor_capacities, mor_alpha: Mixture-of-Recursions (state_passing "mor", arXiv 2507.10524):
+            expert-choice routers `gpt_neox.mor.routers.{r}` (Linear hidden -> 1), gate alpha * sigmoid(logit),
+            update h + gate * core(h) at the tokens recursion r processes; mor_capacities (one per loop step)
+            are training's top-k fractions.
+        mor_inference: how a forward picks the tokens: "auto" (the default: top-k for a forward without a KV
+            cache, threshold under generate(), with or without a cache, or with a cache), "threshold" (causal: a token active at
+            r is processed when sigmoid(logit) > mor_threshold, the router having been trained to predict its
+            top-k membership) or "top-k" (training's exact routing, over the whole given sequence: not causal,
+            refused with a KV cache). Selectable at load time (from_pretrained(..., mor_inference="top-k")).
+        mor_kv: KV of the core's attention: "recursion" (recursion-wise: at recursion r a token attends only
+            to the earlier tokens processed at r) or "share-first" (recursive KV sharing: every recursion
+            attends to the first recursion's keys and values of all tokens). Selectable at load time.
         num_hidden_layers: number of UNIQUE layers (weights under gpt_neox.layers.*): P + C + Q if core_shared
             else P + C*K + Q. Derived when None; checked when given. The forward pass executes
             P + C*K + Q layer applications in both cases (`num_layer_applications`).
@@ -110,6 +125,12 @@ class MeshGPTNeoXConfig(PretrainedConfig):
     lora_targets: str = "query_key_value,dense,dense_h_to_4h,dense_4h_to_h"
     relax_biases: bool = False
     relax_norms: bool = False
+    mor_routing: str = "expert-choice"
+    mor_capacities: list[float] | None = None
+    mor_alpha: float | int = 0.1
+    mor_inference: str = "auto"
+    mor_threshold: float = 0.5
+    mor_kv: str = "recursion"
     num_hidden_layers: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -127,9 +148,9 @@ class MeshGPTNeoXConfig(PretrainedConfig):
     @property
     def fixed_depth(self) -> bool:
         """Whether some weights exist per loop step (per-step MeSH routers, `learned` scalars, vanilla+mesh's
-        distinct blocks, relaxed sharing's per-iteration adapters): then a forward runs at most num_loops
-        iterations."""
-        return not self.core_shared or self.state_passing == "learned" or (
+        distinct blocks, relaxed sharing's per-iteration adapters, MoR's routers and capacities): then a forward
+        runs at most num_loops iterations (MoR: exactly num_loops)."""
+        return not self.core_shared or self.state_passing in ("learned", "mor") or (
             self.state_passing == "mesh" and self.mesh_routers == "per-step") or bool(
             self.lora_rank or self.relax_biases or self.relax_norms)
 
@@ -159,6 +180,16 @@ class MeshGPTNeoXConfig(PretrainedConfig):
             raise ValueError(f"mesh_routers {self.mesh_routers!r} not in ('per-step', 'shared')")
         if self.mesh_routers == "shared" and self.state_passing != "mesh":
             raise ValueError("mesh_routers='shared' needs state_passing='mesh'")
+        if self.state_passing == "mor":
+            if self.mor_routing != "expert-choice":
+                raise ValueError(f"mor_routing {self.mor_routing!r}: this model implements 'expert-choice'")
+            if self.mor_capacities is not None and len(self.mor_capacities) != self.num_loops:
+                raise ValueError(f"mor_capacities needs one entry per loop step ({self.num_loops})")
+            if self.mor_kv not in MOR_KV_MODES or self.mor_inference not in MOR_INFERENCE:
+                raise ValueError(f"mor_kv must be one of {MOR_KV_MODES} and mor_inference one of {MOR_INFERENCE}")
+            if self.input_injection != "none" or self.state_init != "prelude":
+                raise ValueError("state_passing='mor' routes the state itself: input_injection must be 'none' and "
+                                 "state_init 'prelude'")
         if self.num_hidden_layers != self.num_unique_layers:
             raise ValueError(
                 f"num_hidden_layers {self.num_hidden_layers} != unique layers {self.num_unique_layers} "

@@ -90,17 +90,21 @@ class MeshGPTNeoXAttention(nn.Module):
         self.query_key_value = linear("query_key_value", h, 3 * h, bias=config.attention_bias)
         self.dense = linear("dense", h, h, bias=config.attention_bias)
 
-    def forward(self, x, attention_mask, position_embeddings, cache=None, cache_idx=None, **kwargs):
+    def forward(self, x, attention_mask, position_embeddings, cache=None, cache_idx=None, kv_share=None, **kwargs):
         batch, seq, _ = x.shape
         # GPT-NeoX layout: the fused output is [heads, 3, head_dim] per token (q, k, v interleaved per head)
         qkv = self.query_key_value(x).view(batch, seq, -1, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)  # each [batch, heads, seq, head_dim]
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
+        if kv_share is not None and kv_share[2]:  # MoR share-first, a later recursion: the first one's k, v
+            k, v = kv_share[0][kv_share[1]]
+        elif cache is not None:
             # cache_idx is the index of this layer APPLICATION, not of the layer: a shared core layer run K times
             # keeps K separate key/value histories
             k, v = cache.update(k, v, cache_idx)  # [batch, heads, past + seq, head_dim]
+        if kv_share is not None and not kv_share[2]:
+            kv_share[0][kv_share[1]] = (k, v)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, _ = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
         return self.dense(out.reshape(batch, seq, -1))
@@ -255,6 +259,116 @@ class MeshRouters(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Mixture-of-Recursions (arXiv 2507.10524), expert choice: at recursion r a router scores the tokens still active,
+# gate g = alpha * sigmoid(logit); the processed tokens get h + g * core(h) (the paper's eq. 2.1), the others keep
+# h, and a token not processed at r is never processed later. Which tokens (config.mor_inference):
+#   top-k      training's rule: the top int(capacity_r * seq) active tokens per sequence (ties: lower position),
+#              gathered in causal order with their own rotary positions, attention among them only. It looks at
+#              the whole sequence, so it is not causal: no KV cache.
+#   threshold  causal: sigmoid(logit) > mor_threshold (the auxiliary loss trained the router to predict its
+#              top-k). Every token runs through the core, masked: with mor_kv "recursion" a query at recursion
+#              r sees only the keys of tokens processed at r (recursion-wise caching; the cache keeps which), with
+#              "share-first" every recursion reads recursion 0's keys and values of all tokens (KV sharing).
+
+
+class MoRRouter(nn.Module):
+    """Linear(hidden -> 1, bias); its own module so `_init_weights` gives it the router init."""
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, hidden_size))
+        self.bias = nn.Parameter(torch.empty(1))
+
+    def forward(self, h):
+        return F.linear(h, self.weight, self.bias).squeeze(-1).float()  # [batch, seq] logits in fp32
+
+
+class MoRRouters(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.routers = nn.ModuleList(MoRRouter(config.hidden_size) for _ in range(config.num_loops))
+        self.last = []  # the last forward's (logits, processed, active) [batch, seq] per recursion (the probe's)
+
+    def capacities(self, config):
+        if config.mor_capacities is not None:
+            return list(config.mor_capacities)
+        return [(config.num_loops - r) / config.num_loops for r in range(config.num_loops)]
+
+
+def mor_mask(allowed, dtype):
+    """Additive float mask [batch, 1, q, kv] from a boolean one (eager adds it; sdpa takes it as a bias)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def mor_top_k_loop(model, h, run, position_ids, states):
+    """Training's routing over the whole sequence (model/mor.py): gather, run, scatter-add. `run(layers, h, first,
+    ...)` uses cache entries first, first + 1, ...: recursion t's core layers are entries P + t*C + j."""
+    cfg, mor = model.config, model.mor
+    first, C = cfg.num_prelude_layers, cfg.num_core_layers
+    batch, seq, hidden = h.shape
+    active = None
+    positions = position_ids.expand(batch, -1)
+    mor.last = []
+    for t, capacity in enumerate(mor.capacities(cfg)):
+        logits = mor.routers[t](h)  # [batch, seq]
+        gate = cfg.mor_alpha * torch.sigmoid(logits)
+        scores = gate.detach() if active is None else gate.detach().masked_fill(~active, float("-inf"))
+        k = max(1, int(capacity * seq))
+        index = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values  # [b, k]
+        x = h.gather(1, index[..., None].expand(-1, -1, hidden))
+        rope = rotary_cos_sin(cfg, positions.gather(1, index), h.dtype)
+        causal = torch.ones(k, k, dtype=torch.bool, device=h.device).tril()[None, None].expand(batch, 1, k, k)
+        y = run(model.core_block(t), x, first + t * C, loop=t, mask=mor_mask(causal, h.dtype), rope=rope)
+        h = h.scatter_add(1, index[..., None].expand(-1, -1, hidden), gate.gather(1, index)[..., None].to(y.dtype) * y)
+        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
+        mor.last.append((logits.detach(), kept, torch.ones_like(kept) if active is None else active))
+        active = kept
+        states.append(h)
+    return h
+
+
+def mor_threshold_loop(model, h, run, attention_mask, cache, past, states):
+    """Causal routing by threshold, with either KV mode; `cache` (or None) keeps each recursion's selections;
+    `past`: the tokens cached before this forward. Recursion t's core layers use cache entries P + t*C + j."""
+    cfg, mor = model.config, model.mor
+    first, C = cfg.num_prelude_layers, cfg.num_core_layers
+    batch, seq, _ = h.shape
+    history = getattr(cache, "mor_selected", None) if cache is not None and past else None
+    if past and history is None:
+        raise ValueError("this KV cache was not filled by a MoR forward: it lacks the routing history")
+    k_index = torch.arange(past + seq, device=h.device)
+    causal = k_index[None, :] <= (past + torch.arange(seq, device=h.device))[:, None]  # [seq, past + seq]
+    allowed = causal[None, None].expand(batch, 1, seq, past + seq)
+    if attention_mask is not None and attention_mask.ndim == 2:  # padding [batch, past + seq]
+        allowed = allowed & attention_mask[:, None, None, -(past + seq):].bool()
+    diagonal = (k_index[None, :] == (past + torch.arange(seq, device=h.device))[:, None])[None, None]
+    share = cfg.mor_kv == "share-first"
+    shared_kv = {}
+    active = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
+    selected = []
+    mor.last = []
+    for t in range(cfg.num_loops):
+        logits = mor.routers[t](h)
+        gate = cfg.mor_alpha * torch.sigmoid(logits)
+        chosen = active & (torch.sigmoid(logits) > cfg.mor_threshold)  # [batch, seq]
+        selected.append(chosen)
+        if share:
+            mask = allowed
+        else:  # keys of the tokens processed at t (past ones from the cache); a query always sees itself
+            keys = chosen if history is None else torch.cat([history[t], chosen], dim=1)
+            mask = allowed & (keys[:, None, None, :] | diagonal)
+        y = run(model.core_block(t), h, first + t * C, loop=t, mask=mor_mask(mask, h.dtype),
+                kv_share=(shared_kv, t > 0) if share else None)
+        h = torch.where(chosen[..., None], h + gate[..., None].to(y.dtype) * y, h)
+        mor.last.append((logits.detach(), chosen, active))
+        active = chosen
+        states.append(h)
+    if cache is not None:
+        cache.mor_selected = [torch.cat([a, b], dim=1) for a, b in zip(history, selected)] if history else selected
+    return h
+
+
+# -----------------------------------------------------------------------------
 # models
 
 
@@ -284,6 +398,9 @@ class MeshGPTNeoXPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MoRRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.bias)
         elif isinstance(module, MeshRouter):
             # MESH_METHOD.md section 3 (decided): std sqrt(2 / (B * hidden)), truncated at 3 std, bias 0
@@ -328,6 +445,7 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
                                     for i in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mesh = MeshRouters(config) if config.state_passing in MESH_VARIANTS else None
+        self.mor = MoRRouters(config) if config.state_passing == "mor" else None
         # learned variant: (a1, a2, a3) per loop step, h_{t+1} = a1*core(h_t) + a2*h0 + a3*h_emb
         learned = config.state_passing == "learned"
         self.state_scalars = nn.Parameter(torch.empty(config.num_loops, 3)) if learned else None
@@ -381,14 +499,18 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
         cache_iterations: int | None = None,
         exit_threshold: float | None = None,
         exit_head=None,
+        mor_inference: str | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
         inputs_embeds: replaces embed_in(input_ids); it is still multiplied by config.embedding_multiplier.
+        mor_inference: MoR only, overrides config.mor_inference for this call (generate() passes "threshold").
         cache: KV cache with one entry per layer application (see the class docstring); a cache sized by
             config.num_hidden_layers, as generate() builds it, is extended before use.
         num_loops: loop iterations N of this forward (default config.num_loops = K); any N >= 1 where no weight
             is per step (config.fixed_depth: at most K). Keep it the same for every call sharing a cache.
+            MoR (one router and capacity per iteration) runs exactly K: it refuses num_loops != K,
+            cache_iterations and exit_threshold.
         cache_iterations: keep KV entries for at most M loop iterations, iteration t reusing entry t % M
             (Huginn's compressed cache, compress-s); default one per iteration.
         exit_threshold: decode steps (one new token per row) stop iterating a row once the KL divergence
@@ -409,10 +531,23 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
                              if cfg.fixed_depth else f"num_loops={n} must be >= 1")
         slots = n if cache_iterations is None else max(1, min(n, int(cache_iterations)))
         P, C = cfg.num_prelude_layers, cfg.num_core_layers
+        routing = None
+        if self.mor is not None:  # "auto": training's top-k for a plain forward, causal with a cache
+            if num_loops is not None and n != cfg.num_loops or cache_iterations is not None or exit_threshold is not None:
+                raise ValueError("MoR runs exactly its K iterations (one router and capacity each, tokens choose their "
+                                 "depth): drop num_loops, cache_iterations and exit_threshold")
+            routing = mor_inference or cfg.mor_inference
+            routing = ("threshold" if cache is not None else "top-k") if routing == "auto" else routing
+            if routing == "top-k":
+                if cache is not None or cfg.mor_kv != "recursion":
+                    raise ValueError("mor_inference 'top-k' is training's routing over a whole sequence: no KV "
+                                     "cache, mor_kv 'recursion' (generate, or pass mor_inference='threshold')")
+                use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache()  # grows one entry per cache index it is given
         if cache is not None:
             _extend_cache(cache, P + C * slots + cfg.num_coda_layers)
+        past_length = cache.get_seq_length() if cache is not None else 0
         seq = inputs_embeds.shape[1]
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             # mask [batch, past + seq]: count real tokens only, as generate() does, so a left-padded row gets the
@@ -433,10 +568,11 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
 
         view = _IterationCache(cache, P, C, slots) if cache is not None else None
 
-        def run(layers, h, first, loop=None):  # cache entries first, first + 1, ... (class docstring)
+        def run(layers, h, first, loop=None, mask=mask, rope=rope, kv_share=None):  # cache entries first, first + 1, ...
             for j, layer in enumerate(layers):
+                share = None if kv_share is None else (kv_share[0], j, kv_share[1])  # MoR share-first
                 h = layer(h, attention_mask=mask, position_embeddings=rope, cache=view, cache_idx=first + j, loop=loop,
-                          **kwargs)
+                          kv_share=share, **kwargs)
             return h
 
         h_emb = inputs_embeds * cfg.embedding_multiplier
@@ -463,7 +599,11 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
         early = exit_threshold is not None and seq == 1 and view is not None
         exited = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device) if early else None  # [batch, seq]
         log_p = None
-        for t in range(n):
+        if self.mor is not None and routing == "top-k":
+            h = mor_top_k_loop(self, h, run, position_ids, states)
+        elif self.mor is not None:
+            h = mor_threshold_loop(self, h, run, attention_mask, cache, past_length, states)
+        for t in range(n if self.mor is None else 0):
             if early and bool(exited.all()):  # every row is done: repeat its last entries, compute nothing
                 view.repeat_last(range(P + (t % slots) * C, P + (t % slots) * C + C))
                 states.append(h)
@@ -582,6 +722,7 @@ class MeshGPTNeoXForCausalLM(MeshGPTNeoXPreTrainedModel, GenerationMixin):
         num_loops: int | None = None,
         cache_iterations: int | None = None,
         exit_threshold: float | None = None,
+        mor_inference: str | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -602,6 +743,7 @@ class MeshGPTNeoXForCausalLM(MeshGPTNeoXPreTrainedModel, GenerationMixin):
             cache_iterations=cache_iterations,
             exit_threshold=exit_threshold,
             exit_head=self.embed_out if exit_threshold is not None else None,
+            mor_inference=mor_inference,
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -613,6 +755,13 @@ class MeshGPTNeoXForCausalLM(MeshGPTNeoXPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
+
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if self.config.state_passing == "mor":  # causal routing, with or without a KV cache
+            inputs["mor_inference"] = "threshold" if self.config.mor_inference == "auto" else self.config.mor_inference
+        return inputs
 
 
 # save_pretrained writes auto_map entries and copies this file and configuration_mesh.py next to the weights

@@ -7,7 +7,16 @@ with the one convention used everywhere (summary, training log, benchmarks):
     N_applied   = L_compute * 12 * hidden^2 + (K+1) * 2 * hidden * B + hidden * padded_vocab
                   + K * C * r * sum over LoRA targets of (in + out)          (relaxed sharing)
 
-Every loop iteration is counted: a core of C layers run K times costs C*K layers. Relaxed
+Every loop iteration is counted: a core of C layers run K times costs C*K layers. Under
+Mixture-of-Recursions (model/mor.py, docs/MESH_METHOD.md section 9) iteration r runs on
+k_r = int(capacity_r * s) of the s tokens, so it counts f_r = k_r / s of a layer per token for the
+matmuls and f_r^2 for attention (a sequence of k_r tokens: k_r^2 scores, shared by s tokens), and
+its router h -> 1 runs on all:
+
+    L_matmul    = P + Q + C * sum_r f_r        L_attention = P + Q + C * sum_r f_r^2
+    N_applied   = L_matmul * 12 * hidden^2 + K * hidden + hidden * padded_vocab (+ f_r-weighted LoRA)
+
+With every f_r = 1 these are the formulas above (MoR runs exactly its K iterations). Relaxed
 sharing (model/relaxation.py, docs/MESH_METHOD.md section 8) holds one adapter per loop
 position, each applied once per token, so its parameters and its N_applied term are equal:
 
@@ -28,7 +37,7 @@ from torch import nn
 from mesh_megatron.config import ModelConfig
 
 EMBEDDING_PREFIXES = ("embedding.", "output_layer.")
-ROUTER_MARKERS = (".write_routers.", ".read_routers.", ".step_embedding")
+ROUTER_MARKERS = (".write_routers.", ".read_routers.", ".step_embedding", "state_passing.routers.")  # MeSH; MoR
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 DELTA_SUFFIXES = ("_delta",)
 
@@ -38,7 +47,7 @@ class ParameterCounts:
     total: int
     embedding: int  # input embedding + output layer (untied)
     non_embedding: int  # all layers, routers and the final LayerNorm
-    router: int  # MeSH write + read routers (and the shared routers' step embedding)
+    router: int  # MeSH write + read routers (and the shared routers' step embedding), or MoR's routers
     adapter: int = 0  # relaxed sharing: LoRA A and B of every loop position
     delta: int = 0  # relaxed sharing: per-position bias and LayerNorm deltas
 
@@ -88,13 +97,39 @@ def delta_params(config: ModelConfig) -> int:
     return layout.loops * layout.core * per_layer
 
 
-def applied_matmul_params(config: ModelConfig, tensor_parallel_size: int = 1) -> int:
-    """Matrix-multiply weights counted once per application (N_applied)."""
-    h, L = config.hidden_size, config.compute_depth
-    layers = L * 12 * h * h
+def processed_fractions(config: ModelConfig, seq_length: Optional[int] = None) -> tuple[float, ...]:
+    """Per loop iteration, the fraction of the tokens the core processes: k_r / s under MoR
+    (k_r = max(1, int(capacity_r * s)), as model/mor.py keeps), 1 otherwise."""
+    layout = config.parsed_layout
+    if not config.is_mor:
+        return (1.0,) * layout.loops
+    from mesh_megatron.model.mor import keep_count
+
+    seq = seq_length or config.seq_length
+    return tuple(keep_count(c, seq) / seq for c in config.capacities)
+
+
+def effective_depths(config: ModelConfig, seq_length: Optional[int] = None) -> tuple[float, float]:
+    """(layers per token for the matmuls, for attention): P + C*K + Q without MoR."""
+    layout = config.parsed_layout
+    if not config.is_mor:
+        return float(config.compute_depth), float(config.compute_depth)
+    f = processed_fractions(config, seq_length)
+    outer = layout.prelude + layout.coda
+    return outer + layout.core * sum(f), outer + layout.core * sum(x * x for x in f)
+
+
+def applied_matmul_params(config: ModelConfig, tensor_parallel_size: int = 1,
+                          seq_length: Optional[int] = None) -> float:
+    """Matrix-multiply weights counted once per application (N_applied), per token."""
+    h = config.hidden_size
+    layers = effective_depths(config, seq_length)[0] * 12 * h * h
     loops = config.parsed_layout.loops
-    routers = (loops + 1) * 2 * h * config.slots if config.is_mesh else 0
-    return layers + routers + adapter_params(config) + h * config.padded_vocab_size(tensor_parallel_size)
+    routers = (loops + 1) * 2 * h * config.slots if config.is_mesh else loops * h if config.is_mor else 0
+    f = processed_fractions(config, seq_length)
+    adapters = sum(f) * adapter_params_per_position(config)
+    applied = layers + routers + adapters + h * config.padded_vocab_size(tensor_parallel_size)
+    return int(applied) if applied == int(applied) else applied
 
 
 def flops_per_token(config: ModelConfig, seq_length: Optional[int] = None, tensor_parallel_size: int = 1,
@@ -106,11 +141,17 @@ def flops_per_token(config: ModelConfig, seq_length: Optional[int] = None, tenso
         L_fwd    = P + Q + C * n,      L_bwd = P + Q + C * g      (n = iterations, g = with_grad)
 
     with the routers' (n + 1) and (g + 1) steps and the LoRA adapters of the n (g) iterations
-    run; prelude, coda and the output layer always run both. At n = g = K this is training_flops_per_token. Linear in (n, g), so the expected
+    run; prelude, coda and the output layer always run both. At n = g = K this is training_flops_per_token
+    (MoR: only n = g = K, its effective depths). Linear in (n, g), so the expected
     FLOPs of a random recurrence are those at (E[n], E[g])."""
     layout = config.parsed_layout
     n = layout.loops if iterations is None else iterations
     g = n if with_grad is None else with_grad
+    if config.is_mor:  # capacities are one per iteration of exactly K: the effective depths at K
+        if n != layout.loops or g != layout.loops:
+            raise ValueError(f"variant 'mor' runs exactly K={layout.loops} iterations with gradient through all "
+                             f"(asked n={n}, g={g})")
+        return training_flops_per_token(config, seq_length, tensor_parallel_size)
     h, seq = config.hidden_size, seq_length or config.seq_length
     outside = config.compute_depth - layout.core * layout.loops  # P + Q (vanilla: every layer)
     l_fwd, l_bwd = outside + layout.core * n, outside + layout.core * g
@@ -126,8 +167,8 @@ def training_flops_per_token(config: ModelConfig, seq_length: Optional[int] = No
                              tensor_parallel_size: int = 1) -> int:
     """Forward + backward FLOPs per token, PaLM-style, no credit for causal masking."""
     seq = seq_length or config.seq_length
-    attention = 12 * config.compute_depth * config.hidden_size * seq
-    return 6 * applied_matmul_params(config, tensor_parallel_size) + attention
+    attention = 12 * effective_depths(config, seq)[1] * config.hidden_size * seq
+    return round(6 * applied_matmul_params(config, tensor_parallel_size, seq) + attention)
 
 
 def expected_flops_per_token(config: ModelConfig, recurrence, seq_length: Optional[int] = None,

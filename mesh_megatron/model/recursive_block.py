@@ -21,6 +21,9 @@ so dropout draws the same numbers when the forward reruns in backward):
             has no loop and recomputes per layer.
     layer   each layer is recomputed on its own (only layer inputs stay live)
 
+Mixture-of-Recursions (model/mor.py): its state passing also `select`s the tokens iteration t
+processes (gathered, with their rotary rows); `step` scatters the core's output back.
+
 Relaxed sharing (model/relaxation.py): the core's layers may add iteration t's own adapters;
 they read t from `self.loop`, set in `_layers`, i.e. inside what a recompute reruns.
 
@@ -149,10 +152,15 @@ class RecursiveBlock(MegatronModule):
             if observe:
                 observe("h0", h)
             plan = loop_plan(self.recurrence, self.loops, recurrence_key, self.training)
+            select = getattr(self.state_passing, "select", None)  # MoR: a subset of the tokens
             for t in range(plan.iterations):
                 with plan.grad(t):  # the first plan.no_grad iterations: no_grad (truncated backprop)
-                    x = h if self.injection is None else self.injection.core_input(h, e)
-                    y = self._run(self.core_block(t), x, rotary_pos_emb, attention_mask, t)
+                    x, rot, mask = h, rotary_pos_emb, attention_mask
+                    if select is not None:  # (MoR has no injection and a fixed K: config refuses them)
+                        x, rot, mask, carry = select(t, h, rotary_pos_emb, attention_mask, carry)
+                    elif self.injection is not None:
+                        x = self.injection.core_input(h, e)
+                    y = self._run(self.core_block(t), x, rot, mask, t)
                     h, carry = self.state_passing.step(t, h, y, carry)
                 if observe:
                     observe(f"h{t + 1}", h)

@@ -176,6 +176,10 @@ def build_state_passing(config: ModelConfig) -> nn.Module:
     layout = config.parsed_layout
     if config.is_mesh and config.mesh_routers == "shared":
         return SharedMeshStatePassing(config.hidden_size, config.slots, config.mesh_step_embedding)
+    if config.is_mor:
+        from mesh_megatron.model.mor import MoRStatePassing
+
+        return MoRStatePassing(config)
     if config.is_mesh:
         return MeshStatePassing(config.hidden_size, config.slots, layout.loops, config.router_margin)
     if config.variant == "learned":

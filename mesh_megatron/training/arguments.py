@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from mesh_megatron.config import (ATTENTION_BACKENDS, INPUT_INJECTIONS, LORA_FULL, LORA_TARGETS, MESH_ROUTER_INITS, MESH_ROUTERS, STATE_INITS, MESH_ROUTER_MARGIN, PRESETS, RECOMPUTE,
+from mesh_megatron.config import (ATTENTION_BACKENDS, INPUT_INJECTIONS, LORA_FULL, LORA_TARGETS, MESH_ROUTER_INITS, MESH_ROUTERS, STATE_INITS, MESH_ROUTER_MARGIN, MOR_KV_MODES, MOR_ROUTINGS, PRESETS, RECOMPUTE,
                                   RECURRENCE_SAMPLINGS, VARIANTS, ConfigError, DataConfig, RecurrenceConfig,
                                   validate_recurrence,
                                   ExecutionConfig, LoggingConfig, ModelConfig,
@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--state-init", choices=list(STATE_INITS), default=None,
                    help="the loop's initial state: prelude (its output; the default) or noise (Huginn: truncated "
                         "normal in training, zeros in eval; needs --input-injection)")
+    m.add_argument("--mor-routing", choices=list(MOR_ROUTINGS), default=None,
+                   help="--variant mor (Mixture-of-Recursions): how routers pick each iteration's tokens "
+                        "(default expert-choice: per iteration, the top capacity x seq of the active tokens)")
+    m.add_argument("--mor-capacities", default=None,
+                   help="--variant mor: fraction of the sequence each loop iteration processes, one per "
+                        "iteration, non-increasing, e.g. 1.0,0.5 (default (K - r) / K)")
+    m.add_argument("--mor-alpha", type=float, default=None,
+                   help="--variant mor: gate = alpha * sigmoid(router logit) (default 0.1)")
+    m.add_argument("--mor-aux-weight", type=float, default=None,
+                   help="--variant mor: weight of the auxiliary BCE loss (router logits vs top-k membership; "
+                        "default 0.001)")
+    m.add_argument("--mor-z-loss", type=float, default=None,
+                   help="--variant mor: weight of the router z-loss (mean squared logit; default 0 = off)")
+    m.add_argument("--mor-kv", choices=list(MOR_KV_MODES), default=None,
+                   help="--variant mor: the export's KV cache in generation: recursion (each iteration caches "
+                        "its own tokens) or share-first (later iterations reuse iteration 0's keys/values); "
+                        "also selectable when loading the export")
     m.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
     m.add_argument("--hidden-dropout", type=float, default=0.0,
                    help="dropout on the embeddings and on the output of each attention and MLP branch "
@@ -304,6 +321,9 @@ def parse(argv: Optional[list[str]] = None, world_size: Optional[int] = None):
         sample_tokens=args.sample_tokens, sample_prompt=args.sample_prompt, exit_interval=args.exit_interval,
     )
     validate_training(train, dp)
+    if precision == "fp16" and model.is_mor:
+        raise ConfigError("--variant mor with fp16: the auxiliary loss's gradient would miss fp16's dynamic loss "
+                          "scale (it is injected in backward, model/mor.py): use --bf16 or fp32")
     if parallel.virtual_pipeline_model_parallel_size:
         from mesh_megatron.config import gradient_accumulation_steps
 

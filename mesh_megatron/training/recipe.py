@@ -37,7 +37,8 @@ NOT_RECIPE = {"help", "config", "load", "print_config", "local_rank", "deepspeed
 # Model flags that are also ModelConfig fields (mesh_slots, dropout, ...) go through the flags.
 FIELD_FLAGS = ("mesh_slots", "mesh_router_init", "mesh_router_margin", "mesh_routers", "mesh_step_embedding",
                "input_injection", "state_init", "seq_length", "hidden_dropout", "attention_dropout",
-               "lora_rank", "lora_alpha", "lora_targets", "relax_biases", "relax_norms")
+               "lora_rank", "lora_alpha", "lora_targets", "relax_biases", "relax_norms",
+               "mor_routing", "mor_capacities", "mor_alpha", "mor_aux_weight", "mor_z_loss", "mor_kv")
 MODEL_FLAGS = ("preset", "variant", "layout", *FIELD_FLAGS)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -134,6 +135,8 @@ def _model_field(value: Any, name: str, where: str) -> Any:
             return out
         if name == "lora_rank" and value == "full":
             return value
+        if name == "mor_capacities" and isinstance(value, list):  # [1.0, 0.5] -> "1,0.5"
+            return ",".join(repr(float(c)) for c in value)
         if kind is bool:
             if not isinstance(value, bool):
                 raise ValueError

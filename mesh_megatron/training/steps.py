@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from mesh_megatron.model.mor import AuxLossScale, pop_records
 from mesh_megatron.training.batches import Batch
 
 
@@ -52,6 +53,18 @@ class _Step:
     def __init__(self, engine, nan_policy: str, print_fn: Callable[[str], None]):
         self.engine, self.nan_policy, self.print = engine, nan_policy, print_fn
         self.device = engine.device
+        # Mixture-of-Recursions: the last step's auxiliary losses (bce, z), means over the
+        # micro-batches of the ranks holding the routers; None without MoR.
+        self.mor: tuple[float, float] | None = None
+
+    def _mor_stats(self, models) -> list[torch.Tensor]:
+        """[bce sum, z sum, forwards] of this rank's MoR modules since the last step (zeros on ranks
+        without routers): they ride in the step's one all-reduce."""
+        total, count = pop_records(models)
+        return [total[0], total[1], torch.tensor(float(count), dtype=torch.float64)]
+
+    def _set_mor(self, bce: float, z: float, count: float) -> None:
+        self.mor = (bce / count, z / count) if count else None
 
     def _zero(self) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float64, device=self.device)
@@ -72,6 +85,9 @@ class PlainStep(_Step):
         returns None, the step unfinished (the caller discards it: training/grace.py)."""
         self.engine.train()
         total, count, nonfinite, skipped = self._zero(), self._zero(), self._zero(), 0
+        # MoR's auxiliary loss enters backward through MoEAuxLossAutoScaler: give its gradient the
+        # LM loss's scale (engine.backward divides by the accumulation steps).
+        AuxLossScale.set(1.0 / self.engine.gradient_accumulation_steps())
         for i, (tokens, labels, mask) in enumerate(batches):
             # (iteration, i): what a random recurrence draws this micro-batch's loop count from.
             loss = _masked_mean(self.engine(tokens, labels=labels, recurrence_key=(iteration, i)), mask)
@@ -86,10 +102,13 @@ class PlainStep(_Step):
             self.engine.backward(loss)
             if i == len(batches) - 1:
                 # Before the boundary's engine.step applies anything: the step's one sync.
-                stats = _world_sum([total, count, nonfinite], self.device)
-                loss_mean, skipped = self._finish(iteration, *stats, skipped)
+                stats = _world_sum([total, count, nonfinite, *self._mor_stats([self.engine.module])],
+                                   self.device)
+                self._set_mor(*stats[3:])
+                loss_mean, skipped = self._finish(iteration, *stats[:3], skipped)
             self.engine.step()
             if boundary is not None and i < len(batches) - 1 and boundary(i + 1):
+                pop_records([self.engine.module])  # MoR: the discarded step's aux-loss records go with it
                 return None
         return loss_mean, skipped
 
@@ -163,11 +182,15 @@ class PipelineStep(_Step):
         return total, torch.tensor(float(len(results)), dtype=torch.float64)
 
     def train(self, batches: list[Batch], iteration: int) -> tuple[float, int]:
+        # The schedule divides each micro-batch's loss by their count: so does MoR's auxiliary loss
+        # (MoEAuxLossAutoScaler, on the stage that holds the core).
+        AuxLossScale.set(1.0 / len(batches))
         total, count = self._run(batches, forward_only=False, iteration=iteration)
         nonfinite = (~torch.isfinite(total)).double()
-        total, count, nonfinite = _world_sum([torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0)
-                                              if self.nan_policy == "skip" else total, count, nonfinite],
-                                             self.device)
+        total, count, nonfinite, *mor = _world_sum(
+            [torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0) if self.nan_policy == "skip" else total,
+             count, nonfinite, *self._mor_stats(self.chunks)], self.device)
+        self._set_mor(*mor)
         skipped = 0
         if nonfinite and self.nan_policy == "skip":
             self.print(f"warning: non-finite loss at iteration {iteration + 1}; step skipped "

@@ -341,13 +341,17 @@ class Trainer:
                     f"TFLOP/s/dev {thr.tflops_per_device:.4f} | MFU {mfu} | "
                     f"mem {peak_memory_gib():.2f} GiB | {elapsed / window_iters:.3f} s/it"
                     + (f" | skipped {skipped}" if skipped else "")
+                    + (f" | mor bce {self.step.mor[0]:.4f} z {self.step.mor[1]:.3g}" if self.step.mor else "")
                     + (" | warm-up (first window after start)" if warmup else ""))
                 self.sinks.scalars(self.iteration, {"train/loss": loss, "train/lr": lr,
                                                     "train/grad_norm": grad_norm,
                                                     "perf/tokens_per_s": thr.tokens_per_s,
                                                     "perf/tflops_per_device": thr.tflops_per_device,
                                                     "perf/mfu": thr.mfu, "perf/warmup": float(warmup),
-                                                    **({"perf/flops_per_token": executed_fpt} if rec_on else {})})
+                                                    **({"perf/flops_per_token": executed_fpt} if rec_on else {}),
+                                                    **({"train/mor_bce": self.step.mor[0],
+                                                        "train/mor_z_loss": self.step.mor[1]}
+                                                       if self.step.mor else {})})
             if t.eval_interval and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):
                 history["valid_loss"] = self._log_eval()
             if preemption is not None and self.iteration < t.train_iters \

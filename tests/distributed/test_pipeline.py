@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from launch import ROOT, run_script, run_workers
-from test_training import assert_grad_norms_close, step_losses
+from test_training import assert_grad_norms_close, logged, step_losses
 
 pytestmark = pytest.mark.distributed
 SCRIPT = os.path.join(ROOT, "pretrain_mesh.py")
@@ -49,7 +49,14 @@ def merged_params(save_dir, tp: int, pp: int, variant: str = "mesh", layout=None
     return {k: torch.cat(v, dim=dims[k]) if k in dims and len(v) > 1 else v[0] for k, v in shards.items()}
 
 
-@pytest.mark.parametrize("variant", ["vanilla", "base", "anchor_emb", "mesh"])
+# Mixture-of-Recursions (model/mor.py): capacities 1, 0.5, auxiliary BCE and z-loss weighted so
+# their gradients show in the norm. It stands in for `base` here: the same pipeline path (tiny's
+# automatic split puts prelude and core on stage 0, only h crosses), and the auxiliary loss arises
+# on stage 0, not the last, so it reaches backward only through MoEAuxLossAutoScaler.
+MOR = ["--variant", "mor", "--mor-capacities", "1,0.5", "--mor-aux-weight", "0.1", "--mor-z-loss", "0.01"]
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "mor", "anchor_emb", "mesh"])
 def test_pp2_equals_pp1(tmp_path, variant):
     """Losses, weights and the gradient norm of every step (clipping on: the losses alone
     cannot see a gradient scale, see assert_grad_norms_close). Measured on vanilla, gradients
@@ -65,15 +72,21 @@ def test_pp2_equals_pp1(tmp_path, variant):
     # draws each micro-batch's count from (iteration, micro-batch) itself, as PP = 1 does.
     rec = ["--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "2", "--backprop-depth", "1"] \
         if variant == "anchor_emb" else []
-    one, save1, _ = run(tmp_path, "pp1", 1, ["--variant", variant] + rec)
-    two, save2, out = run(tmp_path, "pp2", 2, ["--variant", variant, "--pipeline-model-parallel-size", "2"] + split + rec)
+    model = MOR if variant == "mor" else ["--variant", variant]
+    one, save1, _ = run(tmp_path, "pp1", 1, model + rec)
+    two, save2, out = run(tmp_path, "pp2", 2, model + ["--pipeline-model-parallel-size", "2"] + split + rec)
     assert "stage 1:" in out[0]
     assert ("sends [h, h_emb]" in out[0]) == bool(split)
     assert ("recurrence: poisson-lognormal R=2" in out[0]) == bool(rec)
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5, (one, two)
     assert_grad_norms_close(tmp_path / "pp1.jsonl", tmp_path / "pp2.jsonl")
-    p1, p2 = merged_params(save1, 1, 1), merged_params(save2, 1, 2)
+    if variant == "mor":  # the auxiliary losses, logged from stage 0, are the one process's
+        assert "core (" in next(line for line in out[0].splitlines() if "stage 0:" in line)
+        for key in ("train/mor_bce", "train/mor_z_loss"):
+            a, b = logged(tmp_path / "pp1.jsonl", key), logged(tmp_path / "pp2.jsonl", key)
+            assert len(a) == 3 and a[0] > 0 and max(abs(x - y) / x for x, y in zip(a, b)) <= 1e-5, (key, a, b)
+    p1, p2 = merged_params(save1, 1, 1, variant), merged_params(save2, 1, 2, variant)
     assert p1.keys() == p2.keys()
     for k in p1:
         assert (p1[k] - p2[k]).abs().max() <= 1e-5, k

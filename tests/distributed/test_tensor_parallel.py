@@ -27,6 +27,17 @@ def test_tp2_matches_tp1(variant, tmp_path):
         adapters = [n for n in tp2["grads"] if n.endswith((".lora_A", ".lora_B", "_delta"))]
         assert len(adapters) == 2 * (4 * 3 + 2 * 2), adapters  # 2 core layers x (4 linears x A,B,db + 2 norms)
         assert all(tp2["grads"][n].abs().sum() > 0 for n in adapters)
+    if variant == "mesh":
+        # and Mixture-of-Recursions (expert choice, capacities 1, 0.5; aux BCE + z-loss): the same
+        # tokens on both TP ranks and as at TP = 1, the same auxiliary losses, loss and gradients
+        ref = torch.load(tmp_path / "result_mor_tp1.pt")
+        tp2 = _compare(tmp_path, "mor")
+        assert tp2["index_spread"] == 0 and torch.equal(tp2["index"], ref["index"])
+        assert tp2["index"].numel() == 2 * (32 + 16)
+        assert torch.allclose(tp2["aux"], ref["aux"], rtol=1e-6) and ref["aux"][0] > 0
+        norm = lambda r: torch.stack([g.norm() for g in r["grads"].values()]).norm()  # noqa: E731
+        assert abs(norm(tp2) - norm(ref)) <= 1e-5 * norm(ref)
+        assert all(ref["grads"][f"block.state_passing.routers.{r}.weight"].abs().sum() > 0 for r in (0, 1))
 
 
 def _compare(tmp_path, variant):

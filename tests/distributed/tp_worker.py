@@ -18,6 +18,9 @@ from mesh_megatron.parallel.initialize import destroy, initialize_distributed, s
 # base and mesh also run relaxed (model/relaxation.py) in the same launch: adapters on every
 # target, per-iteration biases and norms, random B and deltas so every adapter path carries signal.
 RELAXED = dict(lora_rank=4, lora_alpha=8.0, relax_biases=True, relax_norms=True)
+# mesh's launch also runs Mixture-of-Recursions (model/mor.py): half the tokens at iteration 1,
+# auxiliary BCE and z-loss weighted so their gradients are visible next to the LM loss's.
+MOR = dict(mor_capacities="1,0.5", mor_aux_weight=0.1, mor_z_loss=0.01)
 
 
 def main(variant: str, out_dir: str, backend: str = "auto") -> None:
@@ -27,11 +30,13 @@ def main(variant: str, out_dir: str, backend: str = "auto") -> None:
     world = int(os.environ["WORLD_SIZE"])
     parallel = ParallelConfig(tensor_model_parallel_size=world)
     initialize_distributed(parallel)
-    runs = [(variant, {})]
+    runs = [(variant, preset("tiny", variant, seq_length=32))]
     if variant in ("base", "mesh") and backend == "auto":
-        runs.append((f"{variant}+lora", RELAXED))
-    for name, extra in runs:
-        _run(name, preset("tiny", variant, seq_length=32, **extra), parallel, world, out_dir, backend)
+        runs.append((f"{variant}+lora", preset("tiny", variant, seq_length=32, **RELAXED)))
+    if variant == "mesh" and backend == "auto":
+        runs.append(("mor", preset("tiny", "mor", seq_length=32, **MOR)))
+    for name, cfg in runs:
+        _run(name, cfg, parallel, world, out_dir, backend)
     destroy()
 
 
@@ -61,8 +66,18 @@ def _run(name, cfg, parallel, world, out_dir, backend) -> None:
     tp_group = parallel_state.get_tensor_model_parallel_group()
     with torch.no_grad():
         logits = gather_tensor(model(inputs), dim=-1, group=tp_group)  # [b, s, v]
+    from mesh_megatron.model.mor import AuxLossScale, mor_modules
+
+    AuxLossScale.set(1.0)  # MoR: the auxiliary loss's gradient enters backward at weight x 1
     loss = model(inputs, labels=labels).mean()
     loss.backward()
+    extra = {}
+    for sp in mor_modules(model):  # every TP rank keeps the same tokens: spread of the indices
+        index = torch.cat([r.index.flatten() for r in sp.last]).float()
+        hi, lo = index.clone(), index.clone()
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=parallel_state.get_tensor_model_parallel_group())
+        extra = {"aux": sp.records[-1], "index": index, "index_spread": (hi - lo).abs().max()}
     grads = gather_state({n: p.grad for n, p in model.named_parameters()}, model, tp_group)
     # replicated parameters (norms, routers, A of column / B of row adapters): every rank must
     # hold the same full gradient, with no reduction after backward
@@ -73,7 +88,6 @@ def _run(name, cfg, parallel, world, out_dir, backend) -> None:
             torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=tp_group)
             torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=tp_group)
             spread = torch.maximum(spread, (hi - lo).abs().max())
-    extra = {}
     if name == "base":  # random recurrence (drawn n = 6, last k = 2 with gradient) on every TP rank
         from mesh_megatron.config import RecurrenceConfig
 
@@ -81,7 +95,7 @@ def _run(name, cfg, parallel, world, out_dir, backend) -> None:
         model.block.recurrence = RecurrenceConfig("poisson-lognormal", 3.0, 2, seed=1234)
         rr_loss = model(inputs, labels=labels, recurrence_key=(0, 2)).mean()
         rr_loss.backward()
-        extra = {"rr_loss": rr_loss.detach(), "rr_grads": gather_state(
+        extra = {**extra, "rr_loss": rr_loss.detach(), "rr_grads": gather_state(
             {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()},
             model, tp_group)}
     if torch.distributed.get_rank() == 0:

@@ -592,11 +592,11 @@ def relaxed_model(cfg, seed=0):
     return model
 
 
-@pytest.mark.parametrize("variant", ["base", "mesh"])
+@pytest.mark.parametrize("variant", ["base", "mesh", "mor"])
 def test_relaxed_export_parity_tp2_merge_and_round_trip(megatron_single, tmp_path, variant):
     """HF logits == training logits for a model with random per-iteration adapters, from TP=1 and
     from TP=2 shards (B of column-parallel and A of row-parallel split); export -> import ->
-    export is identical."""
+    export is identical. mor: recursion r's adapters run on its kept tokens (top-k routing)."""
     from mesh_megatron.checkpoint.skeleton import meta_model
     from mesh_megatron.checkpoint.tensor_parallel import shard_state_dict
 

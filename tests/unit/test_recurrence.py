@@ -255,6 +255,8 @@ def test_saved_activations_grow_with_k_not_n(megatron_single):
     ("learned", RecurrenceConfig("poisson-lognormal", 2.0), "scalars for exactly K steps"),
     ("mesh", RecurrenceConfig("poisson-lognormal", 2.0), "needs --mesh-routers shared"),
     ("base+lora", RecurrenceConfig("poisson-lognormal", 2.0), "adapters exist for exactly K loop positions"),
+    ("mor", RecurrenceConfig("poisson-lognormal", 2.0), "with variant 'mor': its routers and --mor-capacities"),
+    ("mor", RecurrenceConfig(backprop_depth=1), "with variant 'mor': its routers and --mor-capacities"),
 ])
 def test_recurrence_refusals(variant, rec, needle):
     variant, lora, _ = variant.partition("+lora")
@@ -264,13 +266,19 @@ def test_recurrence_refusals(variant, rec, needle):
 
 
 # ---------------------------------------------------------------- FLOPs of executed iterations
-@pytest.mark.parametrize("variant", ["vanilla", "base", "mesh", "vanilla+mesh"])
+@pytest.mark.parametrize("variant", ["vanilla", "base", "mesh", "vanilla+mesh", "mor", "base+lora", "mor+lora"])
 def test_flops_at_k_are_the_fixed_count(variant):
     from mesh_megatron.model.accounting import flops_per_token, training_flops_per_token
 
-    cfg = preset("tiny", variant)
+    variant, lora, _ = variant.partition("+lora")
+    cfg = preset("tiny", variant, **({"lora_rank": 4, "mor_capacities": "1,0.5"} if lora and variant == "mor"
+                                     else {"lora_rank": 4} if lora else {}))
     assert flops_per_token(cfg) == training_flops_per_token(cfg)
     assert flops_per_token(cfg, 256, 2) == training_flops_per_token(cfg, 256, 2)
+    assert flops_per_token(cfg, iterations=2.0, with_grad=2.0) == training_flops_per_token(cfg)
+    if variant == "mor":  # its effective depths hold at exactly K: any other (n, g) is refused
+        with pytest.raises(ValueError, match="runs exactly K=2 iterations"):
+            flops_per_token(cfg, iterations=3, with_grad=1)
 
 
 def test_flops_count_forward_of_n_and_backward_of_g():
