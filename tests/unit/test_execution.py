@@ -4,8 +4,8 @@ the MeSH buffer's activation memory. Each test compares two executions of the sa
 import pytest
 import torch
 
-from mesh_megatron.config import ConfigError, ExecutionConfig, preset, to_transformer_config, validate
-from mesh_megatron.model import MeshGPTModel
+import tiny_models
+from mesh_megatron.config import ConfigError, ExecutionConfig
 from mesh_megatron.model.attention import SDPAttention, core_attention_names, resolve_attention_backend
 from mesh_megatron.parallel.initialize import set_seed
 
@@ -13,14 +13,11 @@ SEQ, BATCH = 32, 2
 
 
 def build(variant, execution, layout=None, **overrides):
-    cfg = preset("tiny", variant, layout, **{"seq_length": SEQ, **overrides})
-    validate(cfg)
-    return MeshGPTModel(cfg, to_transformer_config(cfg), execution=execution, init_seed=11)
+    return tiny_models.build(variant, layout, execution, 11, SEQ, **overrides)
 
 
 def tokens(seed=0, seq=SEQ):
-    t = torch.randint(0, 4096, (BATCH, seq + 1), generator=torch.Generator().manual_seed(seed))
-    return t[:, :-1], t[:, 1:]
+    return tiny_models.tokens(seed, seq, BATCH)
 
 
 def run(model, seed=5):

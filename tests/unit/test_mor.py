@@ -9,6 +9,7 @@ learn only through the gate."""
 import pytest
 import torch
 
+import tiny_models
 from mesh_megatron.config import ConfigError, ExecutionConfig, preset, to_transformer_config, validate
 from mesh_megatron.model import MeshGPTModel
 from mesh_megatron.model.mor import AuxLossScale, MoRStatePassing, aux_losses, gather_rotary
@@ -18,14 +19,11 @@ SEQ, BATCH = 16, 2
 
 
 def build(layout="1+2R2+1", seed=11, execution=None, **overrides):
-    cfg = preset("tiny", "mor", layout, **{"seq_length": SEQ, **overrides})
-    validate(cfg)
-    return MeshGPTModel(cfg, to_transformer_config(cfg), execution=execution, init_seed=seed)
+    return tiny_models.build("mor", layout, execution, seed, SEQ, **overrides)
 
 
 def tokens(seed=0):
-    t = torch.randint(0, 4096, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
-    return t[:, :-1], t[:, 1:]
+    return tiny_models.tokens(seed, SEQ, BATCH)
 
 
 @torch.no_grad()

@@ -7,9 +7,8 @@ reruns each iteration with its own adapters."""
 import pytest
 import torch
 
-from mesh_megatron.config import (ADDITIVE_SUPPLEMENTS, ConfigError, ExecutionConfig, preset,
-                                  to_transformer_config, validate)
-from mesh_megatron.model import MeshGPTModel
+import tiny_models
+from mesh_megatron.config import ADDITIVE_SUPPLEMENTS, ConfigError, ExecutionConfig, preset, validate
 from mesh_megatron.parallel.initialize import set_seed
 
 SEQ, BATCH = 16, 2
@@ -18,14 +17,11 @@ RELAX = dict(lora_rank=4, relax_biases=True, relax_norms=True)
 
 
 def build(variant, layout=None, execution=None, seed=11, **overrides):
-    cfg = preset("tiny", variant, layout, **{"seq_length": SEQ, **overrides})
-    validate(cfg)
-    return MeshGPTModel(cfg, to_transformer_config(cfg), execution=execution, init_seed=seed)
+    return tiny_models.build(variant, layout, execution, seed, SEQ, **overrides)
 
 
 def tokens(seed=0):
-    t = torch.randint(0, 4096, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
-    return t[:, :-1], t[:, 1:]
+    return tiny_models.tokens(seed, SEQ, BATCH)
 
 
 @torch.no_grad()
