@@ -644,30 +644,6 @@ def preset(name: str, variant: str = "mesh", layout: Optional[str] = None, **ove
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
-def load_model_config(path: str, **overrides: Any) -> ModelConfig:
-    """A ModelConfig from a YAML file: either `preset: NAME` plus overrides, or every field."""
-    import yaml
-
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of ModelConfig fields, got {type(data).__name__}")
-    data = dict(data.get("model", data))
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(data) - known - {"preset"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown model fields {sorted(unknown)}; known: {sorted(known)}")
-    name = data.pop("preset", None)
-    if name is not None:
-        variant = data.pop("variant", "mesh")
-        layout = data.pop("layout", None)
-        return preset(name, variant, layout, **data)
-    if "learned_scalar_init" in data:
-        data["learned_scalar_init"] = tuple(data["learned_scalar_init"])
-    return ModelConfig(**data)
-
-
 # --------------------------------------------------------------------------------------
 # megatron-core TransformerConfig: the one conversion
 # --------------------------------------------------------------------------------------

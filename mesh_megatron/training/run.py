@@ -128,7 +128,8 @@ def _tag_to_load(load: Optional[str]) -> Optional[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from mesh_megatron.training import arguments
-    from mesh_megatron.training.trainer import NonFiniteLoss, Trainer, fail
+    from mesh_megatron.paths import fail
+    from mesh_megatron.training.trainer import NonFiniteLoss, Trainer
 
     from mesh_megatron.parallel import initialize
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -412,7 +411,3 @@ class Trainer:
         dist.barrier()
         self.engine.destroy()
 
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return 2
