@@ -185,28 +185,31 @@ def test_truncated_backprop_equals_a_detached_prefix(megatron_single, variant):
         assert emb is not None and emb.abs().sum() > 0
 
 
-def test_truncated_backprop_under_recompute_loop(megatron_single):
-    """--recompute loop with a drawn n = 6, k = 2: the no_grad prefix is not checkpointed (nothing
-    to rerun), the last k iterations and the coda are (the prelude's output feeds only the
-    prefix in `base`, so its backward never runs), and loss and gradients equal recompute
-    none's. Red (found this way): megatron's checkpoint is an autograd.Function, so with the
-    detached state as its only tensor input its output needed no grad and core and coda got
-    no gradient at all (0 reruns); recursive_block._run now makes such a state require grad."""
+@pytest.mark.parametrize("recompute,reruns", [("loop", 3), ("layer", 5)])
+def test_truncated_backprop_under_recompute(megatron_single, recompute, reruns):
+    """--recompute loop / layer with a drawn n = 6, k = 2: the no_grad prefix is not checkpointed
+    (nothing to rerun), the last k iterations and the coda are (loop: as 2 + 1 blocks; layer:
+    2 x 2 core layers + 1 coda layer; the prelude's output feeds only the prefix in `base`, so
+    its backward never runs), and loss and gradients equal recompute none's. Red (found this
+    way): megatron's checkpoint is an autograd.Function, so with the detached state as its only
+    tensor input its output needed no grad and core and coda got no gradient at all (0
+    reruns); recursive_block._run now makes such a state require grad (without it `layer`
+    fails the same way: checked)."""
     from mesh_megatron.config import ExecutionConfig
 
     rec = RecurrenceConfig("poisson-lognormal", 3.0, 2, seed=1234)
     cfg = preset("tiny", "base", seq_length=SEQ)
     inputs, labels = batch(4)
     out = []
-    for recompute in ("none", "loop"):
-        model = MeshGPTModel(cfg, to_transformer_config(cfg), execution=ExecutionConfig("sdpa", recompute),
+    for mode in ("none", recompute):
+        model = MeshGPTModel(cfg, to_transformer_config(cfg), execution=ExecutionConfig("sdpa", mode),
                              recurrence=rec, init_seed=0)
         model.train()
         loss = model(inputs, labels=labels, recurrence_key=(0, 2)).mean()
         loss.backward()
         out.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, model.block.recomputed))
     (l0, g0, r0), (l1, g1, r1) = out
-    assert (r0, r1) == (0, 3)  # the 2 iterations with gradient, coda
+    assert (r0, r1) == (0, reruns)  # the 2 iterations with gradient, coda
     assert torch.equal(l0, l1)
     assert g0.keys() == g1.keys() and all((g0[n] is None) == (g1[n] is None) for n in g0)
     assert all(torch.equal(g0[n], g1[n]) for n in g0 if g0[n] is not None)
