@@ -38,14 +38,15 @@ TODAY = [(8.464128971099854, 2.31320858001709), (8.587172508239746, 2.2737627029
          (8.6205415725708, 2.2165937423706055)]
 
 
-def _three_steps(tmp_path, extra):
+def _three_steps(tmp_path, extra, ds="examples/zero2.json", weights=None):
+    """(loss, grad norm) of 3 trainer steps; `weights`: a dict given the final parameters."""
     import deepspeed
 
     from mesh_megatron.parallel.initialize import backend
     from mesh_megatron.training import arguments
     from mesh_megatron.training.trainer import Trainer
 
-    run = arguments.parse(["--ds_config", os.path.join(ROOT, "examples/zero2.json"), "--seq-length", "16",
+    run = arguments.parse(["--ds_config", os.path.join(ROOT, ds), "--seq-length", "16",
                            "--micro-batch-size", "2", "--global-batch-size", "4", "--sample-tokens", "0",
                            "--save", str(tmp_path / "unused")] + extra, world_size=1)
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
@@ -60,7 +61,10 @@ def _three_steps(tmp_path, extra):
                 t = torch.randint(0, run.model.vocab_size, (2, 17), generator=g)
                 steps.append((t[:, :-1], t[:, 1:], torch.ones(2, 16)))
             loss, _ = trainer.train_step(steps)
-            out.append((loss, float(trainer.engine.get_global_grad_norm())))
+            norm = trainer.engine.get_global_grad_norm()  # None under ZeRO-0 (torch's optimizer)
+            out.append((loss, None if norm is None else float(norm)))
+        if weights is not None:
+            weights.update({n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()})
     finally:
         trainer.engine.destroy()
     return out
@@ -72,6 +76,31 @@ def test_fixed_sampling_reproduces_todays_first_steps(megatron_single, tmp_path)
     running fixed's first iteration under no_grad keeps the first loss (the forward is the
     same) but logs norm 1.944 for 2.313 and a second loss of 8.587142 for 8.587173."""
     assert _three_steps(tmp_path, []) == TODAY
+
+
+def test_random_recurrence_under_zero2_equals_zero0(megatron_single, tmp_path):
+    """base, R = 2, k = 1, the trainer's real steps: seed 1234 draws n = (1, 3), (2, 3), (4, 2) per
+    micro-batch, so in step 3 no micro-batch backpropagates to the embedding and prelude (they
+    get no gradient at all: None, not zeros). ZeRO-2 (bucketed, overlapped reduction) gives
+    ZeRO-0's losses and final weights (assert_params_close: 1e-5, as the 2-rank ZeRO
+    equivalences, the attention key bias off the rotary dims, whose true gradient is 0, within
+    steps x lr). Red check: the ZeRO-2 run at --backprop-depth 2 (the prefix's parameters do
+    get a gradient) puts its losses 2.2e-3 off ZeRO-0's."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
+    from test_training import assert_params_close
+
+    from mesh_megatron.model.recurrence import draw_iterations
+
+    assert [[draw_iterations(2.0, 1234, it, m) for m in range(2)] for it in range(3)] == [[1, 3], [2, 3], [4, 2]]
+    flags = ["--variant", "base", "--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "2",
+             "--backprop-depth", "1", "--lr", "1e-3", "--seed", "1234"]
+    w0, w2 = {}, {}
+    zero0 = _three_steps(tmp_path, flags, "examples/zero0.json", w0)
+    zero2 = _three_steps(tmp_path, flags, "examples/zero2.json", w2)
+    assert max(abs(a[0] - b[0]) for a, b in zip(zero0, zero2)) <= 1e-5, (zero0, zero2)
+    assert_params_close(w0, w2, heads=4, rotary_dims=4, lr=1e-3, steps=3)
 
 
 def test_fixed_with_backprop_depth_k_is_the_plain_model(megatron_single):
