@@ -38,8 +38,8 @@ TODAY = [(8.464128971099854, 2.31320858001709), (8.587172508239746, 2.2737627029
          (8.6205415725708, 2.2165937423706055)]
 
 
-def _three_steps(tmp_path, extra, ds="examples/zero2.json", weights=None):
-    """(loss, grad norm) of 3 trainer steps; `weights`: a dict given the final parameters."""
+def _trainer(tmp_path, extra, ds="examples/zero2.json"):
+    """A trainer of micro-batch 2 x accumulation 2 at seq 16 (no data: steps get their batches)."""
     import deepspeed
 
     from mesh_megatron.parallel.initialize import backend
@@ -51,16 +51,25 @@ def _three_steps(tmp_path, extra, ds="examples/zero2.json", weights=None):
                            "--save", str(tmp_path / "unused")] + extra, world_size=1)
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
     set_seed(run.train.seed)
-    trainer = Trainer(run, (None, None), None)
+    return Trainer(run, (None, None), None), run
+
+
+def _step_batches(run, g):
+    steps = []
+    for _ in range(2):
+        t = torch.randint(0, run.model.vocab_size, (2, 17), generator=g)
+        steps.append((t[:, :-1], t[:, 1:], torch.ones(2, 16)))
+    return steps
+
+
+def _three_steps(tmp_path, extra, ds="examples/zero2.json", weights=None):
+    """(loss, grad norm) of 3 trainer steps; `weights`: a dict given the final parameters."""
+    trainer, run = _trainer(tmp_path, extra, ds)
     g = torch.Generator().manual_seed(0)
     out = []
     try:
         for _ in range(3):
-            steps = []
-            for _ in range(2):
-                t = torch.randint(0, run.model.vocab_size, (2, 17), generator=g)
-                steps.append((t[:, :-1], t[:, 1:], torch.ones(2, 16)))
-            loss, _ = trainer.train_step(steps)
+            loss, _ = trainer.train_step(_step_batches(run, g))
             norm = trainer.engine.get_global_grad_norm()  # None under ZeRO-0 (torch's optimizer)
             out.append((loss, None if norm is None else float(norm)))
         if weights is not None:
@@ -101,6 +110,48 @@ def test_random_recurrence_under_zero2_equals_zero0(megatron_single, tmp_path):
     zero2 = _three_steps(tmp_path, flags, "examples/zero2.json", w2)
     assert max(abs(a[0] - b[0]) for a, b in zip(zero0, zero2)) <= 1e-5, (zero0, zero2)
     assert_params_close(w0, w2, heads=4, rotary_dims=4, lr=1e-3, steps=3)
+
+
+def test_resume_draws_and_noise_what_the_straight_run_would_have(megatron_single, tmp_path):
+    """base with Huginn's loop (concat adapter, noise start: torch's generator) under random
+    recurrence (R = 2, k = 1), saved after 2 steps and resumed into a fresh trainer: its step 3
+    draws n = (4, 2) from the restored iteration (not iteration 0's (1, 3)) and the noise from the
+    restored generator, so loss and gradient norm are the straight run's step 3, bit for bit.
+    Red checks: the resumed trainer at iteration 0 draws (1, 3) and logs another loss; without
+    the restored RNG state (Trainer.resume's _set_rng_state skipped) the noise differs and so
+    does the loss. (Both trainers share this process's generators: the straight run's step 3
+    runs from the generator states it had at the save, as its own process would.)"""
+    from mesh_megatron.checkpoint.manager import CheckpointManager, lineage
+    from mesh_megatron.training.arguments import tokenizer_source
+    from mesh_megatron.training.trainer import _rng_state, _set_rng_state
+
+    flags = ["--variant", "base", "--input-injection", "concat-adapter", "--state-init", "noise",
+             "--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "2", "--backprop-depth", "1",
+             "--seed", "1234"]
+    straight, run = _trainer(tmp_path / "a", flags)
+    resumed = None
+    try:
+        g = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            straight.train_step(_step_batches(run, g))
+        save = str(tmp_path / "ckpt")
+        straight._save(CheckpointManager(save, 2, run.parallel, *tokenizer_source(run.data),
+                                         run_id=lineage(save, None)))
+        at_save = _rng_state()
+        resumed, _ = _trainer(tmp_path / "b", flags)  # its build draws from the generators
+        resumed.resume(save, "iter_0000002")
+        assert resumed.iteration == 2
+        last = _step_batches(run, g)
+        got = [resumed.train_step(last)[0]]
+        norms = [float(resumed.engine.get_global_grad_norm())]
+        _set_rng_state(at_save)
+        got.append(straight.train_step(last)[0])
+        norms.append(float(straight.engine.get_global_grad_norm()))
+        assert got[0] == got[1] and norms[0] == norms[1], (got, norms)
+    finally:
+        straight.engine.destroy()
+        if resumed is not None:
+            resumed.engine.destroy()
 
 
 def test_fixed_with_backprop_depth_k_is_the_plain_model(megatron_single):
