@@ -25,8 +25,9 @@ Columns:
                        --recurrence-sampling / --backprop-depth the FLOPs are those executed:
                        the mean over the timed steps' micro-batches of the forward of their
                        drawn n iterations and the backward of the last min(n, k), as the
-                       trainer logs them; s/step is then the mean step time (the steps differ
-                       in work, the median would pair one step's time with another's count)
+                       trainer logs them. Under a random recurrence s/step is every row's mean
+                       step time (the looped rows' steps differ in work: a median would pair one
+                       step's time with another's count)
   act GiB              bytes saved for backward by one micro-batch (activations, not weights),
                        counted exactly with saved-tensor hooks on one extra forward
   peak GiB             on GPU, this row's own peak allocated memory (weights, gradients,
@@ -478,7 +479,9 @@ def row(args, name: str, cfg: ModelConfig, r: Optional[Row], status: str, act: O
         "core_attention": r.core_attention if r else None, "compiled_layers": r.compiled_layers if r else None,
     }
     if r is not None and status == "ok" and r.times:
-        step = statistics.mean(r.times) if varies(r.run) else statistics.median(r.times)
+        # under a random recurrence every row's s/step is its mean (the looped rows' steps differ
+        # in work; the rows compared alike), as the title says
+        step = statistics.mean(r.times) if args.recurrence_sampling != "fixed" else statistics.median(r.times)
         tps = args.micro_batch_size * args.grad_accum * args.seq_length / step
         out.update(step_s=step, tokens_per_s=tps, tflops=tps * out["flops_per_token"] / 1e12,
                    final_loss=r.losses[-1])
@@ -486,11 +489,6 @@ def row(args, name: str, cfg: ModelConfig, r: Optional[Row], status: str, act: O
         if args.device == "cuda":
             out["peak_mem_gib"] = (r.resident + r.step_peak) / GIB
     return out
-
-
-def varies(run) -> bool:
-    """Whether the row's steps run different loop counts (a random recurrence)."""
-    return run is not None and run.recurrence.is_random
 
 
 def executed_flops_per_token(args, run, cfg: ModelConfig, iterations: list[int]) -> float:
