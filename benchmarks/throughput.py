@@ -21,7 +21,13 @@ Columns:
   tokens/s, s/step     micro-batch x grad-accum x seq tokens per optimizer step; median step time
   TFLOP/s, MFU         loop-aware FLOPs per token (model/accounting.py: every loop iteration
                        counted) x tokens/s; MFU against the card's dense peak named in the
-                       header, as the trainer's log (training/metrics.py; GPU only)
+                       header, as the trainer's log (training/metrics.py; GPU only). Under
+                       --recurrence-sampling / --backprop-depth the FLOPs are those executed:
+                       the mean over the timed steps' micro-batches of the forward of their
+                       drawn n iterations and the backward of the last min(n, k), as the
+                       trainer logs them. Under a random recurrence s/step is every row's mean
+                       step time (the looped rows' steps differ in work: a median would pair one
+                       step's time with another's count)
   act GiB              bytes saved for backward by one micro-batch (activations, not weights),
                        counted exactly with saved-tensor hooks on one extra forward
   peak GiB             on GPU, this row's own peak allocated memory (weights, gradients,
@@ -34,8 +40,14 @@ vanilla shape of the same compute depth, wrapped to return per-token losses and 
 the same engine construction, ds_config and step: the model a user would otherwise train.
 `--compile` adds a row VARIANT+compile per variant (pretrain_mesh.py --compile: each layer
 torch.compile'd); its first warm-up step pays the compilation.
+`--recurrence-sampling poisson-lognormal --mean-recurrence R --backprop-depth k` (pretrain_mesh.py's
+flags, model/recurrence.py) apply to every looped row; vanilla and hf have no loop and run as they
+are. `--mesh-routers shared [--mesh-step-embedding]` give the mesh rows routers that run at any depth
+(a random recurrence with mesh needs them).
 
   python benchmarks/throughput.py --device cpu --preset tiny --steps 2
+  python benchmarks/throughput.py --device cpu --preset tiny --variants base,mesh --mesh-routers shared \\
+      --recurrence-sampling poisson-lognormal --mean-recurrence 3 --backprop-depth 2
   python benchmarks/throughput.py --device cpu --preset pythia-160m --variants vanilla,base,mesh \\
       --seq-length 512 --micro-batch-size 2 --hf --compile
   python benchmarks/throughput.py --device cuda --preset pythia-1.4b --variants mesh --seq-length 4096 \\
@@ -65,7 +77,7 @@ sys.path.insert(0, ROOT)
 
 from mesh_megatron.config import (ATTENTION_BACKENDS, PRESETS, RECOMPUTE, VARIANTS, ConfigError,  # noqa: E402
                                   ExecutionConfig, ModelConfig, preset, validate)
-from mesh_megatron.model.accounting import training_flops_per_token  # noqa: E402
+from mesh_megatron.model.accounting import step_flops_per_token, training_flops_per_token  # noqa: E402
 from mesh_megatron.training.metrics import device_peak as run_peak  # noqa: E402
 
 HF = "hf"  # the extra row --hf adds
@@ -99,6 +111,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="also time every variant with --compile (rows VARIANT+compile, same rounds)")
     p.add_argument("--hf", action="store_true", help="also time HF GPTNeoXForCausalLM (sdpa) at vanilla shape")
+    p.add_argument("--recurrence-sampling", choices=("fixed", "poisson-lognormal"), default="fixed",
+                   help="pretrain_mesh.py's: loop iterations per micro-batch of the looped rows (FLOPs count "
+                        "those executed)")
+    p.add_argument("--mean-recurrence", type=float, default=None, help="pretrain_mesh.py's: R of poisson-lognormal")
+    p.add_argument("--backprop-depth", type=int, default=None,
+                   help="pretrain_mesh.py's: backpropagate only the last k iterations")
+    p.add_argument("--mesh-routers", choices=("per-step", "shared"), default=None,
+                   help="pretrain_mesh.py's: the mesh rows' routers (shared: any depth)")
+    p.add_argument("--mesh-step-embedding", action="store_true", help="pretrain_mesh.py's: with --mesh-routers shared")
     p.add_argument("--schedule", choices=("auto", "alternate", "sequential"), default="auto",
                    help="alternate rounds (all rows in memory) or one row at a time; "
                         "auto alternates when they all fit")
@@ -143,7 +164,27 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def model_config(args: argparse.Namespace, variant: str) -> ModelConfig:
     # vanilla with --layout unrolls P+CrK+Q to the same compute depth (config.preset).
-    return preset(args.preset, variant, args.layout, seq_length=args.seq_length)
+    return preset(args.preset, variant, args.layout, seq_length=args.seq_length, **mesh_overrides(args, variant))
+
+
+def mesh_overrides(args: argparse.Namespace, variant: str) -> dict:
+    if variant != "mesh":
+        return {}
+    return {k: v for k, v in (("mesh_routers", args.mesh_routers),
+                              ("mesh_step_embedding", args.mesh_step_embedding or None)) if v is not None}
+
+
+def recurrence_flags(args: argparse.Namespace, variant: str) -> list[str]:
+    """pretrain_mesh.py's recurrence flags for a row: looped rows only (vanilla and hf have no loop)."""
+    if variant == "vanilla":
+        return []
+    flags = ["--recurrence-sampling", args.recurrence_sampling] if args.recurrence_sampling != "fixed" else []
+    flags += ["--mean-recurrence", f"{args.mean_recurrence!r}"] if args.mean_recurrence is not None else []
+    flags += ["--backprop-depth", str(args.backprop_depth)] if args.backprop_depth is not None else []
+    if variant == "mesh":
+        flags += ["--mesh-routers", args.mesh_routers] if args.mesh_routers else []
+        flags += ["--mesh-step-embedding"] if args.mesh_step_embedding else []
+    return flags
 
 
 def variant_of(name: str) -> str:
@@ -171,6 +212,7 @@ def run_config(args: argparse.Namespace, name: str, scratch: str):
     flags += ["--layout", args.layout] if args.layout else []
     flags += ["--bf16"] if args.bf16 else []
     flags += ["--compile"] if name.endswith(COMPILED) else []
+    flags += recurrence_flags(args, variant) if name != HF else []
     run = arguments.parse(flags, world_size=1)
     model = dataclasses.replace(run.model, vocab_size=model_config(args, variant).vocab_size)
     validate(model)
@@ -238,6 +280,7 @@ class Row:
             tokens = torch.randint(0, self.cfg.vocab_size, (m, s + 1), generator=g)
             self.batches.append((tokens[:, :-1].to(device), tokens[:, 1:].to(device), torch.ones(m, s, device=device)))
         self.iteration = 0
+        self.timed_iterations: list[int] = []  # the step index of each timed step (the draws' key)
         self.times: list[float] = []
         self.losses: list[float] = []  # every step's, warm-up included
         self.step_peak = 0  # bytes above the resident state at the start of a step
@@ -264,7 +307,8 @@ class Row:
 
         tokens, labels, _ = self.batches[0]
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(tokens, labels=labels)
+            # (0, 0): the key a random recurrence draws step 0's first micro-batch from
+            loss = model(tokens, labels=labels, recurrence_key=(0, 0))
         del loss
         return sum(seen.values())
 
@@ -295,6 +339,7 @@ def timed_step(r: Row) -> None:
     if dev == "cuda":
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    r.timed_iterations.append(r.iteration)
     start = time.perf_counter()
     r.step()
     sync(dev)  # the optimizer step queued after the step's host sync
@@ -427,14 +472,16 @@ def row(args, name: str, cfg: ModelConfig, r: Optional[Row], status: str, act: O
         "preset": args.preset, "variant": name, "layout": str(cfg.parsed_layout),
         "compute_depth": cfg.compute_depth, "status": status, "compiled": name.endswith(COMPILED),
         "params": r.num_params if r else None,
-        "flops_per_token": training_flops_per_token(cfg, args.seq_length),
+        "flops_per_token": executed_flops_per_token(args, r.run if r else None, cfg, r.timed_iterations if r else []),
         "tokens_per_s": None, "step_s": None, "tflops": None, "mfu": None,
         "activation_gib": act / GIB if act is not None else None,
         "peak_mem_gib": None, "final_loss": None, "losses": r.losses if r else None,
         "core_attention": r.core_attention if r else None, "compiled_layers": r.compiled_layers if r else None,
     }
     if r is not None and status == "ok" and r.times:
-        step = statistics.median(r.times)
+        # under a random recurrence every row's s/step is its mean (the looped rows' steps differ
+        # in work; the rows compared alike), as the title says
+        step = statistics.mean(r.times) if args.recurrence_sampling != "fixed" else statistics.median(r.times)
         tps = args.micro_batch_size * args.grad_accum * args.seq_length / step
         out.update(step_s=step, tokens_per_s=tps, tflops=tps * out["flops_per_token"] / 1e12,
                    final_loss=r.losses[-1])
@@ -442,6 +489,17 @@ def row(args, name: str, cfg: ModelConfig, r: Optional[Row], status: str, act: O
         if args.device == "cuda":
             out["peak_mem_gib"] = (r.resident + r.step_peak) / GIB
     return out
+
+
+def executed_flops_per_token(args, run, cfg: ModelConfig, iterations: list[int]) -> float:
+    """FLOPs per token of the timed steps as executed: at K for every iteration, unless the row
+    runs a recurrence (then the mean over the timed steps of training/trainer.py's count, each
+    micro-batch at its drawn n and min(n, k): accounting.step_flops_per_token)."""
+    rec = run.recurrence if run is not None else None
+    if rec is None or not (rec.is_random or rec.backprop_depth is not None) or not iterations:
+        return training_flops_per_token(cfg, args.seq_length)
+    per_step = [step_flops_per_token(run.model, rec, it, args.grad_accum, args.seq_length) for it in iterations]
+    return sum(per_step) / len(per_step)
 
 
 def device_peak(args) -> Optional[float]:
@@ -480,8 +538,19 @@ def header(args: argparse.Namespace, engine: dict) -> dict:
         "device": device_name(args.device), "mfu_peak": peak_name(args), "dtype": args.precision,
         "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size, "steps": args.steps,
         "warmup": args.warmup, "recompute": args.recompute, "attention_backend": args.attention_backend,
+        "recurrence": recurrence_note(args),
         **engine, "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def recurrence_note(args: argparse.Namespace) -> Optional[str]:
+    """The looped rows' recurrence, as the table's title names it; None for the default (K)."""
+    if args.recurrence_sampling == "fixed" and args.backprop_depth is None:
+        return None
+    what = (f"{args.recurrence_sampling} R={args.mean_recurrence:g}" if args.recurrence_sampling != "fixed"
+            else "fixed K")
+    k = "all" if args.backprop_depth is None else args.backprop_depth
+    return f"recurrence {what}, backprop depth {k} (looped rows; FLOPs and MFU of the iterations executed)"
 
 
 def fmt(v, spec: str) -> str:
@@ -497,8 +566,10 @@ def table(args: argparse.Namespace, rows: list[dict], head: dict) -> str:
              + f"; gradients accumulated in {head.get('grad_accum_dtype', '?')}), "
              f"the trainer's {head.get('step', '?')}, recompute {args.recompute}, attention "
              f"{args.attention_backend}, {head['device']}"
+             + (f", {head['recurrence']}" if head.get("recurrence") else "")
              + (f" (MFU of the {head['mfu_peak']})" if head["mfu_peak"] else "") + ", "
-             f"median of {args.steps} steps after {args.warmup} warm-up",
+             f"{'mean' if args.recurrence_sampling != 'fixed' else 'median'} of {args.steps} steps after "
+             f"{args.warmup} warm-up",
              "",
              "| variant | layout | params | tokens/s | s/step | TFLOP/s | MFU | act GiB | peak GiB "
              "| vs base | vs vanilla |" + "".join(f" {e} |" for e in extra),

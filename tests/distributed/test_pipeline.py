@@ -69,9 +69,11 @@ def test_pp2_equals_pp1(tmp_path, variant):
     # gradient comes back through the pipeline.
     split = ["--pipeline-split", "1,5"] if variant in ("anchor_emb", "mesh") else []
     # anchor_emb trains with random recurrence and truncated backprop: stage 1 (the core's)
-    # draws each micro-batch's count from (iteration, micro-batch) itself, as PP = 1 does.
-    rec = ["--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "2", "--backprop-depth", "1"] \
-        if variant == "anchor_emb" else []
+    # draws each micro-batch's count from (iteration, micro-batch) itself, as PP = 1 does; and
+    # with Huginn's loop (model/injection.py): the core reads A [h_t; e], e the prelude's output
+    # from stage 0, from a noise start drawn on stage 1, where the adapter lives.
+    rec = ["--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "2", "--backprop-depth", "1",
+           "--input-injection", "concat-adapter", "--state-init", "noise"] if variant == "anchor_emb" else []
     model = MOR if variant == "mor" else ["--variant", variant]
     one, save1, _ = run(tmp_path, "pp1", 1, model + rec)
     two, save2, out = run(tmp_path, "pp2", 2, model + ["--pipeline-model-parallel-size", "2"] + split + rec)
@@ -90,6 +92,14 @@ def test_pp2_equals_pp1(tmp_path, variant):
     assert p1.keys() == p2.keys()
     for k in p1:
         assert (p1[k] - p2[k]).abs().max() <= 1e-5, k
+    if rec:  # the adapter is stage 1's alone, and it trained (off its [I, I] init)
+        tag = open(os.path.join(save2, "latest")).read().strip()
+        stages = [torch.load(os.path.join(save2, tag, f"mp_rank_{mp:02d}_model_states.pt"), weights_only=False)
+                  ["module"] for mp in (0, 1)]
+        adapter = "block.injection.adapter.weight"
+        assert adapter not in stages[0] and adapter in stages[1]
+        h = p2[adapter].shape[0]
+        assert (p2[adapter] - torch.cat([torch.eye(h), torch.eye(h)], dim=1)).abs().max() > 1e-4
 
 
 def test_embeddings_cross_the_boundary_only_where_needed(tmp_path):

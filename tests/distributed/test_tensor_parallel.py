@@ -27,6 +27,15 @@ def test_tp2_matches_tp1(variant, tmp_path):
         adapters = [n for n in tp2["grads"] if n.endswith((".lora_A", ".lora_B", "_delta"))]
         assert len(adapters) == 2 * (4 * 3 + 2 * 2), adapters  # 2 core layers x (4 linears x A,B,db + 2 norms)
         assert all(tp2["grads"][n].abs().sum() > 0 for n in adapters)
+    if variant == "base":
+        # and Huginn's loop: concat adapter, noise start (model/injection.py). Training draws the
+        # same noise on both TP ranks (replicated gradients equal, loss and gradients TP = 1's);
+        # evaluation starts from zeros (the worker checks two forwards equal; here TP = 1's).
+        ref = torch.load(tmp_path / "result_base+noise_tp1.pt")
+        tp2 = _compare(tmp_path, "base+noise")
+        assert _rel_err(tp2["eval_logits"], ref["eval_logits"]) <= 1e-5
+        assert _rel_err(ref["eval_logits"], ref["logits"]) > 1e-3  # the noise start is not eval's zeros
+        assert ref["grads"]["block.injection.adapter.weight"].abs().sum() > 0
     if variant == "mesh":
         # and Mixture-of-Recursions (expert choice, capacities 1, 0.5; aux BCE + z-loss): the same
         # tokens on both TP ranks and as at TP = 1, the same auxiliary losses, loss and gradients
@@ -51,7 +60,7 @@ def _compare(tmp_path, variant):
     for name, g in ref["grads"].items():
         assert g.shape == tp2["grads"][name].shape, name
         assert (g - tp2["grads"][name]).abs().max() <= 1e-5, (name, _rel_err(tp2["grads"][name], g))
-    if variant == "base":  # random recurrence with truncated backprop (tp_worker): the same at TP = 2
+    if variant in ("base", "base+noise"):  # random recurrence, truncated backprop (tp_worker): the same at TP = 2
         assert abs(ref["rr_loss"].item() - tp2["rr_loss"].item()) <= 1e-5
         assert abs(ref["rr_loss"].item() - ref["loss"].item()) > 1e-3  # 6 iterations are not K = 2's
         for name, g in ref["rr_grads"].items():

@@ -21,6 +21,9 @@ RELAXED = dict(lora_rank=4, lora_alpha=8.0, relax_biases=True, relax_norms=True)
 # mesh's launch also runs Mixture-of-Recursions (model/mor.py): half the tokens at iteration 1,
 # auxiliary BCE and z-loss weighted so their gradients are visible next to the LM loss's.
 MOR = dict(mor_capacities="1,0.5", mor_aux_weight=0.1, mor_z_loss=0.01)
+# base's launch also runs Huginn's loop (model/injection.py): the core reads A [h_t; e] from a
+# truncated-normal start drawn in training (zeros in eval), with the random recurrence below.
+NOISE = dict(input_injection="concat-adapter", state_init="noise")
 
 
 def main(variant: str, out_dir: str, backend: str = "auto") -> None:
@@ -33,6 +36,8 @@ def main(variant: str, out_dir: str, backend: str = "auto") -> None:
     runs = [(variant, preset("tiny", variant, seq_length=32))]
     if variant in ("base", "mesh") and backend == "auto":
         runs.append((f"{variant}+lora", preset("tiny", variant, seq_length=32, **RELAXED)))
+    if variant == "base" and backend == "auto":
+        runs.append(("base+noise", preset("tiny", "base", seq_length=32, **NOISE)))
     if variant == "mesh" and backend == "auto":
         runs.append(("mor", preset("tiny", "mor", seq_length=32, **MOR)))
     for name, cfg in runs:
@@ -49,12 +54,14 @@ def _run(name, cfg, parallel, world, out_dir, backend) -> None:
                          execution=ExecutionConfig(attention_backend=backend))
     full_path = os.path.join(out_dir, f"full_{name}.pt")
     if world == 1:
-        if cfg.is_relaxed:
+        if cfg.is_relaxed or cfg.state_init == "noise":
             with torch.no_grad():
                 gen = torch.Generator().manual_seed(3)
                 for n, p in model.named_parameters():
                     if n.endswith((".lora_B", "_delta")):
                         p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                    elif n.endswith("injection.adapter.weight"):  # off its [I, I] init
+                        p.add_(torch.randn(p.shape, generator=gen) * 0.05)
         torch.save(model.state_dict(), full_path)
     else:
         full = torch.load(full_path)
@@ -64,6 +71,18 @@ def _run(name, cfg, parallel, world, out_dir, backend) -> None:
     tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(7))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     tp_group = parallel_state.get_tensor_model_parallel_group()
+    extra = {}
+    if cfg.state_init == "noise":
+        # evaluation starts from zeros: the same logits twice, and (test) at TP = 1 and 2
+        model.eval()
+        with torch.no_grad():
+            first, second = model(inputs), model(inputs)
+        assert torch.equal(first, second)
+        extra["eval_logits"] = gather_tensor(first, dim=-1, group=tp_group)
+        model.train()
+        # training draws the start from torch's generator, seeded alike on every TP rank (as
+        # dropout outside TP regions); the same state at TP = 1 and 2 from here on
+        torch.manual_seed(5)
     with torch.no_grad():
         logits = gather_tensor(model(inputs), dim=-1, group=tp_group)  # [b, s, v]
     from mesh_megatron.model.mor import AuxLossScale, mor_modules
@@ -71,7 +90,6 @@ def _run(name, cfg, parallel, world, out_dir, backend) -> None:
     AuxLossScale.set(1.0)  # MoR: the auxiliary loss's gradient enters backward at weight x 1
     loss = model(inputs, labels=labels).mean()
     loss.backward()
-    extra = {}
     for sp in mor_modules(model):  # every TP rank keeps the same tokens: spread of the indices
         index = torch.cat([r.index.flatten() for r in sp.last]).float()
         hi, lo = index.clone(), index.clone()
@@ -88,7 +106,7 @@ def _run(name, cfg, parallel, world, out_dir, backend) -> None:
             torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=tp_group)
             torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=tp_group)
             spread = torch.maximum(spread, (hi - lo).abs().max())
-    if name == "base":  # random recurrence (drawn n = 6, last k = 2 with gradient) on every TP rank
+    if name in ("base", "base+noise"):  # random recurrence (drawn n = 6, last k = 2 with gradient) on every TP rank
         from mesh_megatron.config import RecurrenceConfig
 
         model.zero_grad(set_to_none=True)

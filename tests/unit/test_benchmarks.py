@@ -83,6 +83,48 @@ def test_throughput_tiny_cpu_bf16_with_hf_times_the_trainers_step(megatron_singl
     assert rows == [{k: r[k] for k in rows[0]} for r in data]
 
 
+def test_throughput_flops_under_random_recurrence_are_the_executed_count(megatron_single, tmp_path, monkeypatch):
+    """--recurrence-sampling poisson-lognormal --mean-recurrence 3 --backprop-depth 2 on base: the
+    FLOPs per token the row reports are the mean over its timed steps' micro-batches of the forward
+    of the n iterations each one really ran and the backward of the g it ran with gradient (the
+    plans recorded inside the model's loop), and TFLOP/s = tokens/s x that. vanilla (no loop)
+    gets none of the flags. Red check: reporting the fixed-K count
+    (training_flops_per_token) gives 3,416,064 for the executed 3,672,064."""
+    import throughput
+    from mesh_megatron.config import preset
+    from mesh_megatron.model import recursive_block
+    from mesh_megatron.model.accounting import flops_per_token, training_flops_per_token
+
+    plans = []
+    real = recursive_block.loop_plan
+
+    def recorded(recurrence, loops, key, training):
+        plan = real(recurrence, loops, key, training)
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(recursive_block, "loop_plan", recorded)
+    seq, accum, steps = 16, 2, 2
+    flags = ["--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "3", "--backprop-depth", "2"]
+    rows = throughput.main(["--device", "cpu", "--preset", "tiny", "--variants", "base", "--seq-length", str(seq),
+                            "--micro-batch-size", "1", "--grad-accum", str(accum), "--steps", str(steps), "--warmup",
+                            "1", "--zero-stage", "0", "--out", str(tmp_path)] + flags)
+    by = {r["variant"]: r for r in rows}
+    # the forwards in order: the activation count's one, 1 warm-up and `steps` timed steps of
+    # `accum` micro-batches
+    assert len(plans) == 1 + (1 + steps) * accum
+    timed = plans[-steps * accum:]
+    assert len({p.iterations for p in timed}) > 1 and any(p.no_grad for p in timed)  # drawn, truncated
+    cfg = preset("tiny", "base", seq_length=seq)
+    executed = sum(flops_per_token(cfg, seq, 1, p.iterations, p.with_grad) for p in timed) / len(timed)
+    assert by["base"]["flops_per_token"] == pytest.approx(executed, rel=1e-12)
+    assert by["base"]["flops_per_token"] != training_flops_per_token(cfg, seq)
+    assert by["base"]["tflops"] == pytest.approx(by["base"]["tokens_per_s"] * executed / 1e12, rel=1e-12)
+    assert throughput.recurrence_flags(throughput.parse_args(["--variants", "vanilla"] + flags), "vanilla") == []
+    md = open(tmp_path / "throughput.md").read()
+    assert "recurrence poisson-lognormal R=3, backprop depth 2" in md and "mean of 2 steps" in md
+
+
 def test_throughput_vs_attention_times_both_kernels_in_one_run(megatron_single, tmp_path):
     import throughput
 

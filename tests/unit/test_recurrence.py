@@ -38,29 +38,42 @@ TODAY = [(8.464128971099854, 2.31320858001709), (8.587172508239746, 2.2737627029
          (8.6205415725708, 2.2165937423706055)]
 
 
-def _three_steps(tmp_path, extra):
+def _trainer(tmp_path, extra, ds="examples/zero2.json"):
+    """A trainer of micro-batch 2 x accumulation 2 at seq 16 (no data: steps get their batches)."""
     import deepspeed
 
     from mesh_megatron.parallel.initialize import backend
     from mesh_megatron.training import arguments
     from mesh_megatron.training.trainer import Trainer
 
-    run = arguments.parse(["--ds_config", os.path.join(ROOT, "examples/zero2.json"), "--seq-length", "16",
+    run = arguments.parse(["--ds_config", os.path.join(ROOT, ds), "--seq-length", "16",
                            "--micro-batch-size", "2", "--global-batch-size", "4", "--sample-tokens", "0",
                            "--save", str(tmp_path / "unused")] + extra, world_size=1)
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
     set_seed(run.train.seed)
-    trainer = Trainer(run, (None, None), None)
+    return Trainer(run, (None, None), None), run
+
+
+def _step_batches(run, g):
+    steps = []
+    for _ in range(2):
+        t = torch.randint(0, run.model.vocab_size, (2, 17), generator=g)
+        steps.append((t[:, :-1], t[:, 1:], torch.ones(2, 16)))
+    return steps
+
+
+def _three_steps(tmp_path, extra, ds="examples/zero2.json", weights=None):
+    """(loss, grad norm) of 3 trainer steps; `weights`: a dict given the final parameters."""
+    trainer, run = _trainer(tmp_path, extra, ds)
     g = torch.Generator().manual_seed(0)
     out = []
     try:
         for _ in range(3):
-            steps = []
-            for _ in range(2):
-                t = torch.randint(0, run.model.vocab_size, (2, 17), generator=g)
-                steps.append((t[:, :-1], t[:, 1:], torch.ones(2, 16)))
-            loss, _ = trainer.train_step(steps)
-            out.append((loss, float(trainer.engine.get_global_grad_norm())))
+            loss, _ = trainer.train_step(_step_batches(run, g))
+            norm = trainer.engine.get_global_grad_norm()  # None under ZeRO-0 (torch's optimizer)
+            out.append((loss, None if norm is None else float(norm)))
+        if weights is not None:
+            weights.update({n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()})
     finally:
         trainer.engine.destroy()
     return out
@@ -72,6 +85,73 @@ def test_fixed_sampling_reproduces_todays_first_steps(megatron_single, tmp_path)
     running fixed's first iteration under no_grad keeps the first loss (the forward is the
     same) but logs norm 1.944 for 2.313 and a second loss of 8.587142 for 8.587173."""
     assert _three_steps(tmp_path, []) == TODAY
+
+
+def test_random_recurrence_under_zero2_equals_zero0(megatron_single, tmp_path):
+    """base, R = 2, k = 1, the trainer's real steps: seed 1234 draws n = (1, 3), (2, 3), (4, 2) per
+    micro-batch, so in step 3 no micro-batch backpropagates to the embedding and prelude (they
+    get no gradient at all: None, not zeros). ZeRO-2 (bucketed, overlapped reduction) gives
+    ZeRO-0's losses and final weights (assert_params_close: 1e-5, as the 2-rank ZeRO
+    equivalences, the attention key bias off the rotary dims, whose true gradient is 0, within
+    steps x lr). Red check: the ZeRO-2 run at --backprop-depth 2 (the prefix's parameters do
+    get a gradient) puts its losses 2.2e-3 off ZeRO-0's."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
+    from test_training import assert_params_close
+
+    from mesh_megatron.model.recurrence import draw_iterations
+
+    assert [[draw_iterations(2.0, 1234, it, m) for m in range(2)] for it in range(3)] == [[1, 3], [2, 3], [4, 2]]
+    flags = ["--variant", "base", "--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "2",
+             "--backprop-depth", "1", "--lr", "1e-3", "--seed", "1234"]
+    w0, w2 = {}, {}
+    zero0 = _three_steps(tmp_path, flags, "examples/zero0.json", w0)
+    zero2 = _three_steps(tmp_path, flags, "examples/zero2.json", w2)
+    assert max(abs(a[0] - b[0]) for a, b in zip(zero0, zero2)) <= 1e-5, (zero0, zero2)
+    assert_params_close(w0, w2, heads=4, rotary_dims=4, lr=1e-3, steps=3)
+
+
+def test_resume_draws_and_noise_what_the_straight_run_would_have(megatron_single, tmp_path):
+    """base with Huginn's loop (concat adapter, noise start: torch's generator) under random
+    recurrence (R = 2, k = 1), saved after 2 steps and resumed into a fresh trainer: its step 3
+    draws n = (4, 2) from the restored iteration (not iteration 0's (1, 3)) and the noise from the
+    restored generator, so loss and gradient norm are the straight run's step 3, bit for bit.
+    Red checks: the resumed trainer at iteration 0 draws (1, 3) and logs another loss; without
+    the restored RNG state (Trainer.resume's _set_rng_state skipped) the noise differs and so
+    does the loss. (Both trainers share this process's generators: the straight run's step 3
+    runs from the generator states it had at the save, as its own process would.)"""
+    from mesh_megatron.checkpoint.manager import CheckpointManager, lineage
+    from mesh_megatron.training.arguments import tokenizer_source
+    from mesh_megatron.training.trainer import _rng_state, _set_rng_state
+
+    flags = ["--variant", "base", "--input-injection", "concat-adapter", "--state-init", "noise",
+             "--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "2", "--backprop-depth", "1",
+             "--seed", "1234"]
+    straight, run = _trainer(tmp_path / "a", flags)
+    resumed = None
+    try:
+        g = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            straight.train_step(_step_batches(run, g))
+        save = str(tmp_path / "ckpt")
+        straight._save(CheckpointManager(save, 2, run.parallel, *tokenizer_source(run.data),
+                                         run_id=lineage(save, None)))
+        at_save = _rng_state()
+        resumed, _ = _trainer(tmp_path / "b", flags)  # its build draws from the generators
+        resumed.resume(save, "iter_0000002")
+        assert resumed.iteration == 2
+        last = _step_batches(run, g)
+        got = [resumed.train_step(last)[0]]
+        norms = [float(resumed.engine.get_global_grad_norm())]
+        _set_rng_state(at_save)
+        got.append(straight.train_step(last)[0])
+        norms.append(float(straight.engine.get_global_grad_norm()))
+        assert got[0] == got[1] and norms[0] == norms[1], (got, norms)
+    finally:
+        straight.engine.destroy()
+        if resumed is not None:
+            resumed.engine.destroy()
 
 
 def test_fixed_with_backprop_depth_k_is_the_plain_model(megatron_single):
@@ -185,28 +265,31 @@ def test_truncated_backprop_equals_a_detached_prefix(megatron_single, variant):
         assert emb is not None and emb.abs().sum() > 0
 
 
-def test_truncated_backprop_under_recompute_loop(megatron_single):
-    """--recompute loop with a drawn n = 6, k = 2: the no_grad prefix is not checkpointed (nothing
-    to rerun), the last k iterations and the coda are (the prelude's output feeds only the
-    prefix in `base`, so its backward never runs), and loss and gradients equal recompute
-    none's. Red (found this way): megatron's checkpoint is an autograd.Function, so with the
-    detached state as its only tensor input its output needed no grad and core and coda got
-    no gradient at all (0 reruns); recursive_block._run now makes such a state require grad."""
+@pytest.mark.parametrize("recompute,reruns", [("loop", 3), ("layer", 5)])
+def test_truncated_backprop_under_recompute(megatron_single, recompute, reruns):
+    """--recompute loop / layer with a drawn n = 6, k = 2: the no_grad prefix is not checkpointed
+    (nothing to rerun), the last k iterations and the coda are (loop: as 2 + 1 blocks; layer:
+    2 x 2 core layers + 1 coda layer; the prelude's output feeds only the prefix in `base`, so
+    its backward never runs), and loss and gradients equal recompute none's. Red (found this
+    way): megatron's checkpoint is an autograd.Function, so with the detached state as its only
+    tensor input its output needed no grad and core and coda got no gradient at all (0
+    reruns); recursive_block._run now makes such a state require grad (without it `layer`
+    fails the same way: checked)."""
     from mesh_megatron.config import ExecutionConfig
 
     rec = RecurrenceConfig("poisson-lognormal", 3.0, 2, seed=1234)
     cfg = preset("tiny", "base", seq_length=SEQ)
     inputs, labels = batch(4)
     out = []
-    for recompute in ("none", "loop"):
-        model = MeshGPTModel(cfg, to_transformer_config(cfg), execution=ExecutionConfig("sdpa", recompute),
+    for mode in ("none", recompute):
+        model = MeshGPTModel(cfg, to_transformer_config(cfg), execution=ExecutionConfig("sdpa", mode),
                              recurrence=rec, init_seed=0)
         model.train()
         loss = model(inputs, labels=labels, recurrence_key=(0, 2)).mean()
         loss.backward()
         out.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, model.block.recomputed))
     (l0, g0, r0), (l1, g1, r1) = out
-    assert (r0, r1) == (0, 3)  # the 2 iterations with gradient, coda
+    assert (r0, r1) == (0, reruns)  # the 2 iterations with gradient, coda
     assert torch.equal(l0, l1)
     assert g0.keys() == g1.keys() and all((g0[n] is None) == (g1[n] is None) for n in g0)
     assert all(torch.equal(g0[n], g1[n]) for n in g0 if g0[n] is not None)
