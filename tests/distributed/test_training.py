@@ -81,15 +81,31 @@ def test_embedded_default_through_deepspeed_launcher(tmp_path):
     assert "greedy sample:" in proc.stdout
 
 
+# ZeRO-1 runs with a random recurrence and truncated backprop (issue 20: "the same draws on every
+# DP rank"): the draw is keyed by (iteration, micro-batch index within the rank's step), so the
+# one-rank run takes the global batch of 8 as ONE micro-batch and each of the two ranks one
+# micro-batch of 4: both draw (iteration, 0). A draw that read the DP rank (or the sample
+# offset) would change rank 1's depth and the averaged gradient.
+RECURRENCE = ["--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "2", "--backprop-depth", "1",
+              "--mesh-routers", "shared", "--mesh-step-embedding"]  # the default variant is mesh
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_two_ranks_equal_one_rank(tmp_path, stage):
     """Losses, weights and every step's gradient norm (assert_grad_norms_close: clipping is
     active, so only the norm sees a gradient scale). One rank's gradients x2 makes the
-    averaged gradient 1.5 g: measured NORM_RANK."""
+    averaged gradient 1.5 g: measured NORM_RANK. Stage 1 under a random recurrence (above):
+    drawing with the DP rank in the key made the norms differ (measured in the commit)."""
     common = ["--ds_config", f"examples/zero{stage}.json", "--train-iters", "5", "--lr", "1e-3",
-              "--min-lr", "1e-4", "--micro-batch-size", "4", "--global-batch-size", "8"]
-    one, save1, _ = train(tmp_path, "one", 1, common)
-    two, save2, _ = train(tmp_path, "two", 2, common)
+              "--min-lr", "1e-4", "--global-batch-size", "8"]
+    if stage == 1:
+        one, save1, out = train(tmp_path, "one", 1, common + RECURRENCE + ["--micro-batch-size", "8"])
+        assert "recurrence: poisson-lognormal R=2" in out[0] and "grad-accum 1 x data-parallel 1" in out[0], out
+        two, save2, out = train(tmp_path, "two", 2, common + RECURRENCE + ["--micro-batch-size", "4"])
+        assert "grad-accum 1 x data-parallel 2" in out[0], out
+    else:  # one rank accumulates the two micro-batches the two ranks take at once
+        one, save1, _ = train(tmp_path, "one", 1, common + ["--micro-batch-size", "4"])
+        two, save2, _ = train(tmp_path, "two", 2, common + ["--micro-batch-size", "4"])
     assert len(one) == len(two) == 5
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5, (one, two)
     assert_grad_norms_close(tmp_path / "one.jsonl", tmp_path / "two.jsonl")
