@@ -520,3 +520,63 @@ def test_token_choice_flags_and_flops(megatron_single, capsys):
     assert out["flops_per_token"] == 3_490_560 and out["router"] == 2 * (64 + 1)  # Linear(h -> K)
     assert out["mor_routing"] == "token-choice"
 
+
+@pytest.fixture
+def exported_tc(megatron_single, tmp_path):
+    """A token-choice MoR training model (K = 2, a spread router), saved as training does and exported."""
+    from test_export import save_like_training
+
+    from mesh_megatron.conversion.to_hf import export_to_hf
+
+    cfg = preset("tiny", "mor", seq_length=32, mor_routing="token-choice")
+    model = MeshGPTModel(cfg, to_transformer_config(cfg), init_seed=3).eval()
+    spread_depth_router(model)
+    save_like_training(tmp_path / "ckpt", cfg, model.state_dict())
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
+    return model, tmp_path / "hf"
+
+
+def test_export_token_choice_routes_as_training(exported_tc):
+    """Config mirror and key map; the export's depths are training's and its full-sequence logits equal
+    training's (to 1e-5); cached decoding equals the full sequence for both KV modes, generate() too."""
+    import json
+
+    model, path = exported_tc
+    config = json.loads((path / "config.json").read_text())
+    assert (config["mor_routing"], config["mor_capacities"], config["mor_alpha"]) == ("token-choice", None, 1.0)
+    hf = load(path)
+    assert torch.equal(hf.gpt_neox.mor.router.weight, model.block.state_passing.router.weight)
+    ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)
+        got = hf(ids).logits
+    assert torch.equal(hf.gpt_neox.mor.depth, model.block.state_passing.routing.depth.t())
+    assert 0 < int(hf.gpt_neox.mor.depth.sum()) < ids.numel()  # both depths occur
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+    with pytest.raises(ValueError, match="token-choice routing is causal"):
+        hf(ids, mor_inference="top-k")
+    for kv in ("recursion", "share-first"):
+        hf = hf if kv == "recursion" else load(path, mor_kv=kv)
+        with torch.no_grad():
+            full = hf(ids[:, :20]).logits
+            out = hf(ids[:, :12], use_cache=True)
+            cache, steps = out.cache, [out.logits]
+            for i in range(12, 20):
+                out = hf(ids[:, i:i + 1], cache=cache, use_cache=True)
+                cache = out.cache
+                steps.append(out.logits)
+            assert ((torch.cat(steps, 1) - full).abs().max() / full.abs().max()).item() <= 1e-5, kv
+            lengths = [layer.get_seq_length() for layer in cache.layers]
+            assert lengths == ([20, 20, 20, 0, 0, 20] if kv == "share-first" else [20] * 6), lengths
+            cached = hf.generate(ids[:1, :7], max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True)
+            uncached = hf.generate(ids[:1, :7], max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False)
+        assert cached.shape == (1, 13) and torch.equal(cached, uncached), kv
+        if kv == "share-first":  # the KV mode matters
+            assert not torch.allclose(full, want[:, :20], rtol=1e-3)
+    # and back: the import reads routing and router
+    from mesh_megatron.checkpoint.reader import open_checkpoint
+    from mesh_megatron.conversion.from_hf import import_from_hf
+
+    import_from_hf(str(path), str(path.parent / "back"))
+    back = open_checkpoint(str(path.parent / "back")).model
+    assert (back.mor_routing, back.mor_capacities, back.gate_alpha) == ("token-choice", None, 1.0)
