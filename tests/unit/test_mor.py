@@ -177,11 +177,17 @@ def test_without_aux_loss_routers_learn_only_through_the_gate(megatron_single, m
     assert all(g.abs().sum() == 0 for g in grads)
 
 
-def test_recompute_loop_equals_none(megatron_single):
+@pytest.mark.parametrize("routing", ["expert-choice", "token-choice"])
+def test_recompute_loop_equals_none(megatron_single, routing):
     out = []
     for mode in ("none", "loop"):
-        model = build(mor_capacities="1,0.5", mor_z_loss=0.01, execution=ExecutionConfig(recompute=mode))
-        spread_routers(model)
+        if routing == "token-choice":  # (model/mor_token.py: padded recursions, balancing loss)
+            model = build(mor_routing=routing, mor_balance_weight=0.1, mor_z_loss=0.01,
+                          execution=ExecutionConfig(recompute=mode))
+            spread_depth_router(model)
+        else:
+            model = build(mor_capacities="1,0.5", mor_z_loss=0.01, execution=ExecutionConfig(recompute=mode))
+            spread_routers(model)
         set_seed(5)
         AuxLossScale.set(1.0)
         inputs, labels = tokens()
