@@ -196,6 +196,7 @@ class ModelConfig:
     mor_z_loss: float = 0.0
     mor_kv: str = "recursion"
     mor_balance_weight: Optional[float] = None
+    mor_bias_rate: Optional[float] = None  # token choice: loss-free balancing's bias step (None: off)
 
     def __post_init__(self):
         if self.lora_rank == LORA_FULL:
@@ -511,7 +512,8 @@ def _validate_injection(model: ModelConfig, layout: Layout) -> None:
 
 
 MOR_DEFAULTS = {"mor_routing": "expert-choice", "mor_capacities": None, "mor_alpha": None,
-                "mor_aux_weight": 0.001, "mor_z_loss": 0.0, "mor_kv": "recursion", "mor_balance_weight": None}
+                "mor_aux_weight": 0.001, "mor_z_loss": 0.0, "mor_kv": "recursion", "mor_balance_weight": None,
+                "mor_bias_rate": None}
 
 
 def _validate_mor(model: ModelConfig) -> None:
@@ -533,10 +535,13 @@ def _validate_mor(model: ModelConfig) -> None:
                               "own depth (no capacities, no top-k BCE); drop them, --mor-balance-weight weighs its loss")
         if model.balance_weight < 0:
             raise ConfigError(f"mor_balance_weight={model.balance_weight} must be non-negative")
+        if model.mor_bias_rate is not None and not model.mor_bias_rate > 0:
+            raise ConfigError(f"mor_bias_rate={model.mor_bias_rate} must be positive (omit it to turn loss-free "
+                              "balancing off)")
         return
-    if model.mor_balance_weight is not None:
-        raise ConfigError("--mor-balance-weight with --mor-routing expert-choice: expert choice is balanced by its "
-                          "capacities; drop it or use --mor-routing token-choice")
+    if model.mor_balance_weight is not None or model.mor_bias_rate is not None:
+        raise ConfigError("--mor-balance-weight/--mor-bias-rate with --mor-routing expert-choice: expert choice is "
+                          "balanced by its capacities; drop them or use --mor-routing token-choice")
     caps, loops = model.capacities, model.parsed_layout.loops
     if len(caps) != loops:
         raise ConfigError(f"mor_capacities has {len(caps)} entries but the layout loops K={loops} times: give "

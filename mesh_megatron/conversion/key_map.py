@@ -11,6 +11,7 @@
     block.state_passing.step_embedding               gpt_neox.mesh.step_embedding   (mesh_routers: shared)
     block.state_passing.routers.{r}.*                gpt_neox.mor.routers.{r}.*   (MoR, expert choice)
     block.state_passing.router.*                     gpt_neox.mor.router.*        (MoR, token choice)
+    block.state_passing.depth_bias                   gpt_neox.mor.depth_bias      (token choice, loss-free)
     final_layernorm.*                                gpt_neox.final_layer_norm.*
     output_layer.weight                              embed_out.weight
 
@@ -68,6 +69,7 @@ _TOP_LEVEL: tuple[tuple[str, str], ...] = (
     ("block.injection.adapter.weight", "gpt_neox.injection_adapter.weight"),  # --input-injection concat-adapter
     ("block.state_passing.router.weight", "gpt_neox.mor.router.weight"),  # MoR token choice: Linear(h -> K)
     ("block.state_passing.router.bias", "gpt_neox.mor.router.bias"),
+    ("block.state_passing.depth_bias", "gpt_neox.mor.depth_bias"),  # token choice, loss-free balancing
 )
 _TRAIN_LAYER_RE = re.compile(r"^block\.(prelude|core|coda)\.(\d+)\.(.+)$")
 _TRAIN_ROUTER_RE = re.compile(r"^block\.state_passing\.(write_routers|read_routers)\.(\d+)\.(weight|bias)$")
@@ -251,7 +253,9 @@ def hf_config(config: ModelConfig, vocab_rows: int, *, bos_token_id: Optional[in
         relax_norms=config.relax_norms,
         **(dict(mor_routing=config.mor_routing,
                 mor_capacities=None if config.is_token_choice else list(config.capacities),
-                mor_alpha=config.gate_alpha, mor_kv=config.mor_kv) if config.is_mor else {}),
+                mor_alpha=config.gate_alpha, mor_kv=config.mor_kv,
+                **({"mor_bias_rate": config.mor_bias_rate} if config.mor_bias_rate is not None else {}))
+           if config.is_mor else {}),
     )
 
 

@@ -75,6 +75,8 @@ class MeshGPTNeoXConfig(PretrainedConfig):
             (Linear hidden -> num_loops) reads h0 and gives each token its depth d = argmax softmax (top-1);
             recursion r runs the tokens with d >= r, h = core(h) while going on and h0 + alpha * p_d * core(h)
             at the last one (causal by construction: mor_inference does not apply, "top-k" is refused).
+            mor_bias_rate set (training's loss-free balancing): the buffer `gpt_neox.mor.depth_bias` [K] is added
+            to the probabilities for the argmax only.
         mor_inference: how a forward picks the tokens: "auto" (the default: top-k for a forward without a KV
             cache, threshold under generate(), with or without a cache, or with a cache), "threshold" (causal: a token active at
             r is processed when sigmoid(logit) > mor_threshold, the router having been trained to predict its
@@ -135,6 +137,7 @@ class MeshGPTNeoXConfig(PretrainedConfig):
     mor_inference: str = "auto"
     mor_threshold: float = 0.5
     mor_kv: str = "recursion"
+    mor_bias_rate: float | None = None
     num_hidden_layers: int | None = None
 
     def __post_init__(self, **kwargs):

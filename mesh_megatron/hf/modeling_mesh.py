@@ -303,6 +303,10 @@ class MoRRouters(nn.Module):
         token_choice = getattr(config, "mor_routing", "expert-choice") == "token-choice"
         self.routers = nn.ModuleList(MoRRouter(config.hidden_size) for _ in range(0 if token_choice else config.num_loops))
         self.router = MoRDepthRouter(config.hidden_size, config.num_loops) if token_choice else None
+        if token_choice and getattr(config, "mor_bias_rate", None) is not None:  # loss-free balancing's bias
+            self.register_buffer("depth_bias", torch.zeros(config.num_loops))
+        else:
+            self.depth_bias = None
         self.last = []  # the last forward's (logits, processed, active) [batch, seq] per recursion (the probe's)
         self.depth = None  # token choice: the last forward's depths [batch, seq] (0-based)
 
@@ -371,7 +375,7 @@ def mor_token_choice_loop(model, h, run, attention_mask, cache, past, states):
     share = cfg.mor_kv == "share-first"
     shared_kv = {}
     probs = torch.softmax(mor.router(h), dim=-1)  # [batch, seq, K]
-    depth = probs.argmax(dim=-1)  # ties: the shallower depth, as training
+    depth = (probs if mor.depth_bias is None else probs + mor.depth_bias).argmax(dim=-1)  # ties: shallower
     gate = cfg.mor_alpha * probs.gather(-1, depth[..., None])
     h0, selected = h, []
     mor.last, mor.depth = [], depth

@@ -23,7 +23,10 @@ through the Switch balancing loss over the depths (weight mor_balance_weight),
 
     L_bal = K * sum_j frac_j * P_j,    frac_j = share of tokens with d = j,  P_j = mean_i p_j(i),
 
-plus optionally the z-loss mean_i logsumexp(logits(i))^2 (mor_z_loss). Both enter backward through
+plus optionally the z-loss mean_i logsumexp(logits(i))^2 (mor_z_loss). Loss-free balancing
+(mor_bias_rate u, off by default): d = argmax_j (p_j + b_j) with a bias b per depth that is not
+trained (the gate stays alpha * p_d), moved after every training forward by
+b_j += u * sign(mean share - share_j), the shares over the forward's tokens of all DP ranks. Both enter backward through
 MoEAuxLossAutoScaler on the loop's output, as expert choice's (model/mor.py), so pipeline
 parallelism needs nothing else; they are recorded as [balance, z] (expert choice: [bce, z]).
 """
@@ -92,6 +95,10 @@ class MoRTokenChoice(nn.Module):
         self.alpha = config.gate_alpha
         self.balance_weight, self.z_weight = config.balance_weight, config.mor_z_loss
         self.router = nn.Linear(config.hidden_size, self.loops)
+        # loss-free balancing (mor_bias_rate): a bias per depth for the top-1 only, not trained
+        self.bias_rate = config.mor_bias_rate
+        if self.bias_rate is not None:
+            self.register_buffer("depth_bias", torch.zeros(self.loops))
         self.routing: Optional[DepthRouting] = None  # the last forward's, detached (tests)
         self.last: list[Recursion] = []  # per recursion, the positions it ran on
         self.records: list[Tensor] = []  # training forwards' [balance, z], for the log
@@ -99,9 +106,24 @@ class MoRTokenChoice(nn.Module):
     def route(self, h0: Tensor) -> DepthRouting:
         logits = self.router(h0).float()
         probs = torch.softmax(logits, dim=-1)
-        depth = probs.detach().argmax(dim=-1)
+        scores = probs.detach() if self.bias_rate is None else probs.detach() + self.depth_bias
+        depth = scores.argmax(dim=-1)
         gate = self.alpha * probs.gather(-1, depth[..., None]).squeeze(-1)
         return DepthRouting(depth, gate, logits, probs, h0)
+
+    @torch.no_grad()
+    def update_bias(self, depth: Tensor) -> None:
+        """Loss-free balancing: b_j += rate * sign(mean share - share_j), the shares counted over this
+        forward's tokens on every data-parallel rank (one all-reduce of K counts), so every replica,
+        and every TP rank (the same tokens), moves its bias alike."""
+        counts = torch.bincount(depth.flatten(), minlength=self.loops).to(self.depth_bias.dtype)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from megatron.core import parallel_state
+
+            if parallel_state.get_data_parallel_world_size() > 1:
+                torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        share = counts / counts.sum()
+        self.depth_bias.add_(self.bias_rate * torch.sign(share.mean() - share))
 
     def start(self, h_emb: Tensor, h_pre: Tensor) -> tuple[Tensor, TokenChoiceCarry]:
         self.last = []
@@ -128,6 +150,8 @@ class MoRTokenChoice(nn.Module):
         done = routing.first + routing.gate[..., None].to(y.dtype) * f
         h = torch.where(depth > r, f, torch.where(depth == r, done, h))
         if r == self.loops - 1 and self.training:
+            if self.bias_rate is not None:
+                self.update_bias(routing.depth)
             losses = torch.stack([balance_loss(routing), z_loss(routing)])
             self.records.append(losses.detach())
             loss = self.balance_weight * losses[0] + self.z_weight * losses[1]

@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mor-balance-weight", type=float, default=None,
                    help="--mor-routing token-choice: weight of the Switch balancing loss over the depths "
                         "(K * sum_j fraction_j * mean prob_j; default 0.01)")
+    m.add_argument("--mor-bias-rate", type=float, default=None,
+                   help="--mor-routing token-choice: loss-free balancing (the paper's alternative): a per-depth "
+                        "bias added to the router's probabilities for the top-1 only, moved by RATE * sign(mean "
+                        "share - share of the depth) after every training forward (default off; combine with "
+                        "--mor-balance-weight 0 for loss-free only)")
     m.add_argument("--mor-kv", choices=list(MOR_KV_MODES), default=None,
                    help="--variant mor: the export's KV cache in generation: recursion (each iteration caches "
                         "its own tokens) or share-first (later iterations reuse iteration 0's keys/values); "

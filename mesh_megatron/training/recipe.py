@@ -39,7 +39,7 @@ FIELD_FLAGS = ("mesh_slots", "mesh_router_init", "mesh_router_margin", "mesh_rou
                "input_injection", "state_init", "seq_length", "hidden_dropout", "attention_dropout",
                "lora_rank", "lora_alpha", "lora_targets", "relax_biases", "relax_norms",
                "mor_routing", "mor_capacities", "mor_alpha", "mor_aux_weight", "mor_z_loss", "mor_kv",
-               "mor_balance_weight")
+               "mor_balance_weight", "mor_bias_rate")
 MODEL_FLAGS = ("preset", "variant", "layout", *FIELD_FLAGS)
 PRECISIONS = ("fp32", "bf16", "fp16")
 

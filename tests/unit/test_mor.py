@@ -500,6 +500,34 @@ def test_token_choice_balance_loss_is_logged_and_reaches_the_router(megatron_sin
     assert torch.allclose(grads[1] - grads[0], w * gb, rtol=1e-4, atol=1e-9 * float(gb.abs().max()))
 
 
+def test_token_choice_loss_free_bias(megatron_single):
+    """Loss-free balancing: the top-1 reads p + b (the gate stays p_d); a training forward moves b by
+    exactly rate * sign(mean share - share_j) of its own depths, an eval forward not at all; b is a
+    checkpointed buffer, not a parameter."""
+    model = build_tc("1+2R2+1", mor_bias_rate=0.01, mor_balance_weight=0.0)
+    spread_depth_router(model, scale=1.0)
+    sp = model.block.state_passing
+    assert "block.state_passing.depth_bias" in model.state_dict()
+    assert all("depth_bias" not in n for n, _ in model.named_parameters())
+    inputs, labels = tokens()
+    with torch.no_grad():
+        model.eval()
+        model(inputs)
+        plain = sp.routing.depth.clone()
+        sp.depth_bias.copy_(torch.tensor([0.0, 0.05]))
+        model(inputs)
+    r = sp.routing
+    assert torch.equal(r.depth, (r.probs + sp.depth_bias).argmax(-1)) and not torch.equal(r.depth, plain)
+    assert torch.equal(r.gate, r.probs.gather(-1, r.depth[..., None]).squeeze(-1))
+    assert torch.equal(sp.depth_bias, torch.tensor([0.0, 0.05]))  # eval: unchanged
+    model.train()
+    AuxLossScale.set(1.0)
+    model(inputs, labels=labels).mean().backward()
+    share = torch.stack([(sp.routing.depth == j).float().mean() for j in range(2)])
+    assert share[0] != share[1]
+    assert torch.equal(sp.depth_bias, torch.tensor([0.0, 0.05]) + 0.01 * torch.sign(share.mean() - share))
+
+
 def test_token_choice_flags_and_flops(megatron_single, capsys):
     import json
 
@@ -510,8 +538,12 @@ def test_token_choice_flags_and_flops(megatron_single, capsys):
         validate(preset("tiny", "mor", mor_routing="token-choice", mor_capacities="1,0.5"))
     with pytest.raises(ConfigError, match="--mor-capacities/--mor-aux-weight with --mor-routing token-choice"):
         validate(preset("tiny", "mor", mor_routing="token-choice", mor_aux_weight=0.1))
-    with pytest.raises(ConfigError, match="--mor-balance-weight with --mor-routing expert-choice"):
+    with pytest.raises(ConfigError, match="--mor-balance-weight/--mor-bias-rate with --mor-routing expert-choice"):
         validate(preset("tiny", "mor", mor_balance_weight=0.1))
+    with pytest.raises(ConfigError, match="--mor-balance-weight/--mor-bias-rate with --mor-routing expert-choice"):
+        validate(preset("tiny", "mor", mor_bias_rate=0.01))
+    with pytest.raises(ConfigError, match="mor_bias_rate=0.0 must be positive"):
+        validate(preset("tiny", "mor", mor_routing="token-choice", mor_bias_rate=0.0))
     with pytest.raises(ConfigError, match="mor_balance_weight=-1.0 must be non-negative"):
         validate(preset("tiny", "mor", mor_routing="token-choice", mor_balance_weight=-1.0))
     with pytest.raises(ConfigError, match="no MoR routers"):
@@ -534,9 +566,11 @@ def exported_tc(megatron_single, tmp_path):
 
     from mesh_megatron.conversion.to_hf import export_to_hf
 
-    cfg = preset("tiny", "mor", seq_length=32, mor_routing="token-choice")
+    cfg = preset("tiny", "mor", seq_length=32, mor_routing="token-choice", mor_bias_rate=0.01)
     model = MeshGPTModel(cfg, to_transformer_config(cfg), init_seed=3).eval()
     spread_depth_router(model)
+    with torch.no_grad():  # loss-free balancing's bias, as training would have moved it
+        model.block.state_passing.depth_bias.copy_(torch.tensor([0.0, 0.1]))
     save_like_training(tmp_path / "ckpt", cfg, model.state_dict())
     export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
     return model, tmp_path / "hf"
@@ -549,9 +583,11 @@ def test_export_token_choice_routes_as_training(exported_tc):
 
     model, path = exported_tc
     config = json.loads((path / "config.json").read_text())
-    assert (config["mor_routing"], config["mor_capacities"], config["mor_alpha"]) == ("token-choice", None, 1.0)
+    assert (config["mor_routing"], config["mor_capacities"], config["mor_alpha"], config["mor_bias_rate"]) == \
+        ("token-choice", None, 1.0, 0.01)
     hf = load(path)
     assert torch.equal(hf.gpt_neox.mor.router.weight, model.block.state_passing.router.weight)
+    assert torch.equal(hf.gpt_neox.mor.depth_bias, torch.tensor([0.0, 0.1]))
     ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids)
@@ -585,4 +621,5 @@ def test_export_token_choice_routes_as_training(exported_tc):
 
     import_from_hf(str(path), str(path.parent / "back"))
     back = open_checkpoint(str(path.parent / "back")).model
-    assert (back.mor_routing, back.mor_capacities, back.gate_alpha) == ("token-choice", None, 1.0)
+    assert (back.mor_routing, back.mor_capacities, back.gate_alpha, back.mor_bias_rate) == \
+        ("token-choice", None, 1.0, 0.01)
