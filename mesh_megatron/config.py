@@ -50,7 +50,7 @@ MESH_ROUTER_MARGIN = 4.0  # "base" init: target slot weight e^4 / (e^4 + B - 1),
 # `learned`: h_{t+1} = a1 * core(h_t) + a2 * h0 + a3 * h_emb, (a1, a2, a3) learned per loop step.
 # `mor`: Mixture-of-Recursions (model/mor.py): a router picks which tokens each iteration processes.
 VARIANTS = ("vanilla", *ADDITIVE_SUPPLEMENTS, "learned", *MESH_VARIANTS, "mor")
-MOR_ROUTINGS = ("expert-choice",)
+MOR_ROUTINGS = ("expert-choice", "token-choice")
 MOR_KV_MODES = ("recursion", "share-first")  # HF generation only (hf/modeling_mesh.py)
 
 # Relaxed sharing (model/relaxation.py): the core's linears that get a LoRA per loop iteration,
@@ -186,12 +186,17 @@ class ModelConfig:
     # Mixture-of-Recursions (variant `mor`, model/mor.py, docs/MESH_METHOD.md section 9): routing
     # mode; capacities, one per loop iteration, comma list (None -> (K - r) / K); router scale
     # alpha; weights of the auxiliary BCE loss and of the router z-loss; the export's KV mode.
+    # Token choice (model/mor_token.py): one router picks each token's depth; its Switch balancing
+    # loss weight (mor_balance_weight; None -> 0.01 under token choice); alpha None -> 0.1 under
+    # expert choice (gate alpha * sigmoid), 1.0 under token choice (alpha * softmax, the reference's).
     mor_routing: str = "expert-choice"
     mor_capacities: Optional[str] = None
-    mor_alpha: float = 0.1
+    mor_alpha: Optional[float] = None
     mor_aux_weight: float = 0.001
     mor_z_loss: float = 0.0
     mor_kv: str = "recursion"
+    mor_balance_weight: Optional[float] = None
+    mor_bias_rate: Optional[float] = None  # token choice: loss-free balancing's bias step (None: off)
 
     def __post_init__(self):
         if self.lora_rank == LORA_FULL:
@@ -251,6 +256,23 @@ class ModelConfig:
         if self.mor_capacities is None:
             return tuple((loops - r) / loops for r in range(loops))
         return parse_capacities(self.mor_capacities)
+
+    @property
+    def is_token_choice(self) -> bool:
+        return self.is_mor and self.mor_routing == "token-choice"
+
+    @property
+    def gate_alpha(self) -> float:
+        """MoR's gate scale: mor_alpha, or 1.0 under token choice (alpha * softmax) and 0.1 under expert
+        choice (alpha * sigmoid) when unset."""
+        if self.mor_alpha is not None:
+            return self.mor_alpha
+        return 1.0 if self.mor_routing == "token-choice" else 0.1
+
+    @property
+    def balance_weight(self) -> float:
+        """Token choice: the weight of the Switch balancing loss (0.01 when unset)."""
+        return 0.01 if self.mor_balance_weight is None else self.mor_balance_weight
 
     @property
     def is_relaxed(self) -> bool:
@@ -489,8 +511,9 @@ def _validate_injection(model: ModelConfig, layout: Layout) -> None:
                               "prelude's output never reaches the loop")
 
 
-MOR_DEFAULTS = {"mor_routing": "expert-choice", "mor_capacities": None, "mor_alpha": 0.1,
-                "mor_aux_weight": 0.001, "mor_z_loss": 0.0, "mor_kv": "recursion"}
+MOR_DEFAULTS = {"mor_routing": "expert-choice", "mor_capacities": None, "mor_alpha": None,
+                "mor_aux_weight": 0.001, "mor_z_loss": 0.0, "mor_kv": "recursion", "mor_balance_weight": None,
+                "mor_bias_rate": None}
 
 
 def _validate_mor(model: ModelConfig) -> None:
@@ -504,6 +527,21 @@ def _validate_mor(model: ModelConfig) -> None:
         raise ConfigError(f"mor_routing {model.mor_routing!r} is unknown: choose one of {', '.join(MOR_ROUTINGS)}")
     if model.mor_kv not in MOR_KV_MODES:
         raise ConfigError(f"mor_kv {model.mor_kv!r} is unknown: choose one of {', '.join(MOR_KV_MODES)}")
+    if not model.gate_alpha > 0 or model.mor_z_loss < 0:
+        raise ConfigError(f"mor_alpha={model.gate_alpha} must be positive and mor_z_loss={model.mor_z_loss} non-negative")
+    if model.is_token_choice:
+        if model.mor_capacities is not None or model.mor_aux_weight != MOR_DEFAULTS["mor_aux_weight"]:
+            raise ConfigError("--mor-capacities/--mor-aux-weight with --mor-routing token-choice: each token picks its "
+                              "own depth (no capacities, no top-k BCE); drop them, --mor-balance-weight weighs its loss")
+        if model.balance_weight < 0:
+            raise ConfigError(f"mor_balance_weight={model.balance_weight} must be non-negative")
+        if model.mor_bias_rate is not None and not model.mor_bias_rate > 0:
+            raise ConfigError(f"mor_bias_rate={model.mor_bias_rate} must be positive (omit it to turn loss-free "
+                              "balancing off)")
+        return
+    if model.mor_balance_weight is not None or model.mor_bias_rate is not None:
+        raise ConfigError("--mor-balance-weight/--mor-bias-rate with --mor-routing expert-choice: expert choice is "
+                          "balanced by its capacities; drop them or use --mor-routing token-choice")
     caps, loops = model.capacities, model.parsed_layout.loops
     if len(caps) != loops:
         raise ConfigError(f"mor_capacities has {len(caps)} entries but the layout loops K={loops} times: give "
@@ -514,9 +552,8 @@ def _validate_mor(model: ModelConfig) -> None:
     if int(caps[-1] * model.seq_length) < 1:
         raise ConfigError(f"mor_capacities: {caps[-1]:g} x seq_length {model.seq_length} keeps no token at the last "
                           "iteration: raise the capacity")
-    if not model.mor_alpha > 0 or model.mor_aux_weight < 0 or model.mor_z_loss < 0:
-        raise ConfigError(f"mor_alpha={model.mor_alpha} must be positive and mor_aux_weight={model.mor_aux_weight}, "
-                          f"mor_z_loss={model.mor_z_loss} non-negative")
+    if model.mor_aux_weight < 0:
+        raise ConfigError(f"mor_aux_weight={model.mor_aux_weight} must be non-negative")
 
 
 def validate(model: ModelConfig, parallel: Optional[ParallelConfig] = None,

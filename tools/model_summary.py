@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mor-capacities", default=None,
                    help="--variant mor: fraction of the tokens each loop iteration processes (default (K - r) / K); "
                         "FLOPs count the tokens processed")
+    p.add_argument("--mor-routing", default=None,
+                   help="--variant mor: expert-choice (default) or token-choice (FLOPs at the expected (K - r) / K "
+                        "of the tokens per recursion: uniform depths, as a router at init routes)")
     p.add_argument("--seq-length", type=int, default=None,
                    help="sequence length for the attention FLOPs term (default: the preset's)")
     p.add_argument("--pipeline", type=int, default=None,
@@ -86,7 +89,8 @@ def summarize(args: argparse.Namespace) -> dict:
     relax = {k: v for k, v in (("lora_rank", args.lora_rank), ("lora_targets", args.lora_targets),
                                ("relax_biases", args.relax_biases or None),
                                ("relax_norms", args.relax_norms or None),
-                               ("mor_capacities", args.mor_capacities)) if v is not None}
+                               ("mor_capacities", args.mor_capacities),
+                               ("mor_routing", args.mor_routing)) if v is not None}
     if "lora_rank" in relax and relax["lora_rank"] != "full":
         try:
             relax["lora_rank"] = int(relax["lora_rank"])
@@ -116,6 +120,7 @@ def summarize(args: argparse.Namespace) -> dict:
         # Context for the table (not part of the fixed JSON keys' meaning).
         "layout": str(cfg.parsed_layout),
         "variant": cfg.variant,
+        "mor_routing": cfg.mor_routing if cfg.is_mor else None,
         "mesh_slots": cfg.slots,
         "hidden_size": cfg.hidden_size,
         "padded_vocab_size": cfg.padded_vocab_size(),
@@ -177,6 +182,8 @@ def main(argv=None) -> int:
         ("bias/norm delta params", f"{summary['delta']:,}"),
         ("adapter train FLOPs/token", f"{summary['adapter_flops_per_token']:,}"),
         ("compute depth", summary["compute_depth"]), ("unique depth", summary["unique_depth"]),
+        *([("MoR routing", summary["mor_routing"] + (" (expected at uniform depths)" if summary["mor_routing"]
+                                                     == "token-choice" else ""))] if summary["variant"] == "mor" else []),
         *([("MoR tokens processed per iteration", ", ".join(f"{f:.3g}" for f in summary["processed_fractions"])),
            ("MoR layers per token (matmul / attention)",
             " / ".join(f"{d:.3g}" for d in summary["effective_depth"]))] if summary["variant"] == "mor" else []),

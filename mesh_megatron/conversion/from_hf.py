@@ -309,6 +309,7 @@ def _mesh_model_config(hf_dir: str, rows: int, seq_length: Optional[int], tp: in
         input_injection=getattr(hf, "input_injection", "none"),
         state_init=getattr(hf, "state_init", "prelude"),
         **(dict(mor_routing=hf.mor_routing, mor_alpha=float(hf.mor_alpha), mor_kv=hf.mor_kv,
+                mor_bias_rate=getattr(hf, "mor_bias_rate", None),
                 mor_capacities=",".join(repr(float(c)) for c in hf.mor_capacities) if hf.mor_capacities else None)
            if hf.state_passing == "mor" else {}),
         vocab_size=rows, make_vocab_size_divisible_by=vocab_divisor(rows, tp),

@@ -9,7 +9,9 @@
     block.state_passing.read_routers.{s}.*           gpt_neox.mesh.read_routers.{s}.*
     block.state_passing.scalars                      gpt_neox.state_scalars
     block.state_passing.step_embedding               gpt_neox.mesh.step_embedding   (mesh_routers: shared)
-    block.state_passing.routers.{r}.*                gpt_neox.mor.routers.{r}.*   (MoR)
+    block.state_passing.routers.{r}.*                gpt_neox.mor.routers.{r}.*   (MoR, expert choice)
+    block.state_passing.router.*                     gpt_neox.mor.router.*        (MoR, token choice)
+    block.state_passing.depth_bias                   gpt_neox.mor.depth_bias      (token choice, loss-free)
     final_layernorm.*                                gpt_neox.final_layer_norm.*
     output_layer.weight                              embed_out.weight
 
@@ -65,6 +67,9 @@ _TOP_LEVEL: tuple[tuple[str, str], ...] = (
     ("block.state_passing.scalars", "gpt_neox.state_scalars"),
     ("block.state_passing.step_embedding", "gpt_neox.mesh.step_embedding"),  # shared MeSH routers
     ("block.injection.adapter.weight", "gpt_neox.injection_adapter.weight"),  # --input-injection concat-adapter
+    ("block.state_passing.router.weight", "gpt_neox.mor.router.weight"),  # MoR token choice: Linear(h -> K)
+    ("block.state_passing.router.bias", "gpt_neox.mor.router.bias"),
+    ("block.state_passing.depth_bias", "gpt_neox.mor.depth_bias"),  # token choice, loss-free balancing
 )
 _TRAIN_LAYER_RE = re.compile(r"^block\.(prelude|core|coda)\.(\d+)\.(.+)$")
 _TRAIN_ROUTER_RE = re.compile(r"^block\.state_passing\.(write_routers|read_routers)\.(\d+)\.(weight|bias)$")
@@ -246,8 +251,11 @@ def hf_config(config: ModelConfig, vocab_rows: int, *, bos_token_id: Optional[in
         lora_targets=config.lora_targets,
         relax_biases=config.relax_biases,
         relax_norms=config.relax_norms,
-        **(dict(mor_routing=config.mor_routing, mor_capacities=list(config.capacities),
-                mor_alpha=config.mor_alpha, mor_kv=config.mor_kv) if config.is_mor else {}),
+        **(dict(mor_routing=config.mor_routing,
+                mor_capacities=None if config.is_token_choice else list(config.capacities),
+                mor_alpha=config.gate_alpha, mor_kv=config.mor_kv,
+                **({"mor_bias_rate": config.mor_bias_rate} if config.mor_bias_rate is not None else {}))
+           if config.is_mor else {}),
     )
 
 

@@ -26,6 +26,7 @@ STATE_PASSING_VARIANTS = (
 )
 MESH_VARIANTS = ("mesh", "vanilla+mesh")
 MOR_KV_MODES = ("recursion", "share-first")
+MOR_ROUTINGS = ("expert-choice", "token-choice")
 MOR_INFERENCE = ("auto", "threshold", "top-k")
 
 
@@ -70,7 +71,12 @@ class MeshGPTNeoXConfig(PretrainedConfig):
         mor_routing, mor_capacities, mor_alpha: Mixture-of-Recursions (state_passing "mor", arXiv 2507.10524):
             expert-choice routers `gpt_neox.mor.routers.{r}` (Linear hidden -> 1), gate alpha * sigmoid(logit),
             update h + gate * core(h) at the tokens recursion r processes; mor_capacities (one per loop step)
-            are training's top-k fractions.
+            are training's top-k fractions. mor_routing "token-choice": one router `gpt_neox.mor.router`
+            (Linear hidden -> num_loops) reads h0 and gives each token its depth d = argmax softmax (top-1);
+            recursion r runs the tokens with d >= r, h = core(h) while going on and h0 + alpha * p_d * core(h)
+            at the last one (causal by construction: mor_inference does not apply, "top-k" is refused).
+            mor_bias_rate set (training's loss-free balancing): the buffer `gpt_neox.mor.depth_bias` [K] is added
+            to the probabilities for the argmax only.
         mor_inference: how a forward picks the tokens: "auto" (the default: top-k for a forward without a KV
             cache, threshold under generate(), with or without a cache, or with a cache), "threshold" (causal: a token active at
             r is processed when sigmoid(logit) > mor_threshold, the router having been trained to predict its
@@ -131,6 +137,7 @@ class MeshGPTNeoXConfig(PretrainedConfig):
     mor_inference: str = "auto"
     mor_threshold: float = 0.5
     mor_kv: str = "recursion"
+    mor_bias_rate: float | None = None
     num_hidden_layers: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -181,8 +188,10 @@ class MeshGPTNeoXConfig(PretrainedConfig):
         if self.mesh_routers == "shared" and self.state_passing != "mesh":
             raise ValueError("mesh_routers='shared' needs state_passing='mesh'")
         if self.state_passing == "mor":
-            if self.mor_routing != "expert-choice":
-                raise ValueError(f"mor_routing {self.mor_routing!r}: this model implements 'expert-choice'")
+            if self.mor_routing not in MOR_ROUTINGS:
+                raise ValueError(f"mor_routing {self.mor_routing!r}: this model implements {MOR_ROUTINGS}")
+            if self.mor_routing == "token-choice" and self.mor_capacities is not None:
+                raise ValueError("mor_routing 'token-choice' picks a depth per token: mor_capacities must be None")
             if self.mor_capacities is not None and len(self.mor_capacities) != self.num_loops:
                 raise ValueError(f"mor_capacities needs one entry per loop step ({self.num_loops})")
             if self.mor_kv not in MOR_KV_MODES or self.mor_inference not in MOR_INFERENCE:

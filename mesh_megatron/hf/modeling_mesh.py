@@ -269,6 +269,8 @@ class MeshRouters(nn.Module):
 #              top-k). Every token runs through the core, masked: with mor_kv "recursion" a query at recursion
 #              r sees only the keys of tokens processed at r (recursion-wise caching; the cache keeps which), with
 #              "share-first" every recursion reads recursion 0's keys and values of all tokens (KV sharing).
+# Token choice (mor_routing "token-choice", mor_token_choice_loop): one router over the depths reads h0; causal as
+# it stands, so a plain forward and generation run the same masked loop, with either KV mode.
 
 
 class MoRRouter(nn.Module):
@@ -283,11 +285,30 @@ class MoRRouter(nn.Module):
         return F.linear(h, self.weight, self.bias).squeeze(-1).float()  # [batch, seq] logits in fp32
 
 
+class MoRDepthRouter(MoRRouter):
+    """Token choice: Linear(hidden -> num_loops, bias), logits over the depths [batch, seq, K] in fp32."""
+
+    def __init__(self, hidden_size, loops):
+        nn.Module.__init__(self)
+        self.weight = nn.Parameter(torch.empty(loops, hidden_size))
+        self.bias = nn.Parameter(torch.empty(loops))
+
+    def forward(self, h):
+        return F.linear(h, self.weight, self.bias).float()
+
+
 class MoRRouters(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.routers = nn.ModuleList(MoRRouter(config.hidden_size) for _ in range(config.num_loops))
+        token_choice = getattr(config, "mor_routing", "expert-choice") == "token-choice"
+        self.routers = nn.ModuleList(MoRRouter(config.hidden_size) for _ in range(0 if token_choice else config.num_loops))
+        self.router = MoRDepthRouter(config.hidden_size, config.num_loops) if token_choice else None
+        if token_choice and getattr(config, "mor_bias_rate", None) is not None:  # loss-free balancing's bias
+            self.register_buffer("depth_bias", torch.zeros(config.num_loops))
+        else:
+            self.depth_bias = None
         self.last = []  # the last forward's (logits, processed, active) [batch, seq] per recursion (the probe's)
+        self.depth = None  # token choice: the last forward's depths [batch, seq] (0-based)
 
     def capacities(self, config):
         if config.mor_capacities is not None:
@@ -327,11 +348,9 @@ def mor_top_k_loop(model, h, run, position_ids, states):
     return h
 
 
-def mor_threshold_loop(model, h, run, attention_mask, cache, past, states):
-    """Causal routing by threshold, with either KV mode; `cache` (or None) keeps each recursion's selections;
-    `past`: the tokens cached before this forward. Recursion t's core layers use cache entries P + t*C + j."""
-    cfg, mor = model.config, model.mor
-    first, C = cfg.num_prelude_layers, cfg.num_core_layers
+def mor_cached_attention(h, attention_mask, cache, past):
+    """(the cache's routing history or None, allowed [batch, 1, seq, past + seq] (causal and padding),
+    the diagonal [1, 1, seq, past + seq]) of a causal MoR forward."""
     batch, seq, _ = h.shape
     history = getattr(cache, "mor_selected", None) if cache is not None and past else None
     if past and history is None:
@@ -342,6 +361,49 @@ def mor_threshold_loop(model, h, run, attention_mask, cache, past, states):
     if attention_mask is not None and attention_mask.ndim == 2:  # padding [batch, past + seq]
         allowed = allowed & attention_mask[:, None, None, -(past + seq):].bool()
     diagonal = (k_index[None, :] == (past + torch.arange(seq, device=h.device))[:, None])[None, None]
+    return history, allowed, diagonal
+
+
+def mor_token_choice_loop(model, h, run, attention_mask, cache, past, states):
+    """Token choice (model/mor_token.py): the router reads h0 once, d = argmax softmax; recursion t runs every
+    token through the core, masked as the threshold loop (the tokens with d >= t are recursion t's), and keeps
+    h = core(h) where d > t, h0 + g * core(h) where d == t (g = alpha * p_d), h where d < t. Causal: one loop for
+    a full sequence (training's routing exactly) and for cached generation."""
+    cfg, mor = model.config, model.mor
+    first, C = cfg.num_prelude_layers, cfg.num_core_layers
+    history, allowed, diagonal = mor_cached_attention(h, attention_mask, cache, past)
+    share = cfg.mor_kv == "share-first"
+    shared_kv = {}
+    probs = torch.softmax(mor.router(h), dim=-1)  # [batch, seq, K]
+    depth = (probs if mor.depth_bias is None else probs + mor.depth_bias).argmax(dim=-1)  # ties: shallower
+    gate = cfg.mor_alpha * probs.gather(-1, depth[..., None])
+    h0, selected = h, []
+    mor.last, mor.depth = [], depth
+    for t in range(cfg.num_loops):
+        chosen = depth >= t
+        selected.append(chosen)
+        if share:
+            mask = allowed
+        else:
+            keys = chosen if history is None else torch.cat([history[t], chosen], dim=1)
+            mask = allowed & (keys[:, None, None, :] | diagonal)
+        y = run(model.core_block(t), h, first + t * C, loop=t, mask=mor_mask(mask, h.dtype),
+                kv_share=(shared_kv, t > 0) if share else None)
+        d = depth[..., None]
+        h = torch.where(d > t, y, torch.where(d == t, h0 + gate.to(y.dtype) * y, h))
+        states.append(h)
+    if cache is not None:
+        cache.mor_selected = [torch.cat([a, b], dim=1) for a, b in zip(history, selected)] if history else selected
+    return h
+
+
+def mor_threshold_loop(model, h, run, attention_mask, cache, past, states):
+    """Causal routing by threshold, with either KV mode; `cache` (or None) keeps each recursion's selections;
+    `past`: the tokens cached before this forward. Recursion t's core layers use cache entries P + t*C + j."""
+    cfg, mor = model.config, model.mor
+    first, C = cfg.num_prelude_layers, cfg.num_core_layers
+    batch, seq, _ = h.shape
+    history, allowed, diagonal = mor_cached_attention(h, attention_mask, cache, past)
     share = cfg.mor_kv == "share-first"
     shared_kv = {}
     active = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
@@ -537,6 +599,11 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
                 raise ValueError("MoR runs exactly its K iterations (one router and capacity each, tokens choose their "
                                  "depth): drop num_loops, cache_iterations and exit_threshold")
             routing = mor_inference or cfg.mor_inference
+            if getattr(cfg, "mor_routing", "expert-choice") == "token-choice":
+                if routing == "top-k":
+                    raise ValueError("mor_inference 'top-k' is expert choice's: token-choice routing is causal "
+                                     "(drop mor_inference)")
+                routing = "token-choice"
             routing = ("threshold" if cache is not None else "top-k") if routing == "auto" else routing
             if routing == "top-k":
                 if cache is not None or cfg.mor_kv != "recursion":
@@ -599,7 +666,9 @@ class MeshGPTNeoXModel(MeshGPTNeoXPreTrainedModel):
         early = exit_threshold is not None and seq == 1 and view is not None
         exited = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device) if early else None  # [batch, seq]
         log_p = None
-        if self.mor is not None and routing == "top-k":
+        if self.mor is not None and routing == "token-choice":
+            h = mor_token_choice_loop(self, h, run, attention_mask, cache, past_length, states)
+        elif self.mor is not None and routing == "top-k":
             h = mor_top_k_loop(self, h, run, position_ids, states)
         elif self.mor is not None:
             h = mor_threshold_loop(self, h, run, attention_mask, cache, past_length, states)

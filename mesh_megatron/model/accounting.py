@@ -37,7 +37,7 @@ from torch import nn
 from mesh_megatron.config import ModelConfig
 
 EMBEDDING_PREFIXES = ("embedding.", "output_layer.")
-ROUTER_MARKERS = (".write_routers.", ".read_routers.", ".step_embedding", "state_passing.routers.")  # MeSH; MoR
+ROUTER_MARKERS = (".write_routers.", ".read_routers.", ".step_embedding", "state_passing.routers.", "state_passing.router.")  # MeSH; MoR (expert, token choice)
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 DELTA_SUFFIXES = ("_delta",)
 
@@ -99,10 +99,14 @@ def delta_params(config: ModelConfig) -> int:
 
 def processed_fractions(config: ModelConfig, seq_length: Optional[int] = None) -> tuple[float, ...]:
     """Per loop iteration, the fraction of the tokens the core processes: k_r / s under MoR
-    (k_r = max(1, int(capacity_r * s)), as model/mor.py keeps), 1 otherwise."""
+    (k_r = max(1, int(capacity_r * s)), as model/mor.py keeps), 1 otherwise. Token choice
+    (model/mor_token.py): the expectation at uniform depths, (K - r) / K; the routed counts move
+    with training, and a batch's padding (to its longest sequence) is not counted."""
     layout = config.parsed_layout
     if not config.is_mor:
         return (1.0,) * layout.loops
+    if config.is_token_choice:  # expected at uniform depths (a router at init): (K - r) / K run recursion r
+        return tuple((layout.loops - r) / layout.loops for r in range(layout.loops))
     from mesh_megatron.model.mor import keep_count
 
     seq = seq_length or config.seq_length

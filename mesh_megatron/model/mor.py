@@ -25,7 +25,8 @@ adds d(aux) = the main loss's scale), so pipeline parallelism needs nothing else
 step strategies set that scale to 1 / micro-batches, as they scale the LM loss.
 
 The module is the variant's state passing: `start`/`step` as the others, plus `select`, which
-RecursiveBlock calls before running the core on what it returns.
+RecursiveBlock calls before running the core on what it returns. Token choice (one router,
+a depth per token) is model/mor_token.py, with the same interface.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class MoRStatePassing(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.capacities = config.capacities
-        self.alpha = config.mor_alpha
+        self.alpha = config.gate_alpha
         self.aux_weight, self.z_weight = config.mor_aux_weight, config.mor_z_loss
         self.routers = nn.ModuleList(nn.Linear(config.hidden_size, 1) for _ in self.capacities)
         self.last: list[Routing] = []  # the last forward's routing per iteration (probe, tests)
@@ -160,8 +161,11 @@ class MoRStatePassing(nn.Module):
         return h, carry
 
 
-def mor_modules(model: nn.Module) -> list[MoRStatePassing]:
-    return [m for m in model.modules() if isinstance(m, MoRStatePassing)]
+def mor_modules(model: nn.Module) -> list[nn.Module]:
+    """The MoR state passings of `model`, either routing (model/mor_token.py: token choice)."""
+    from mesh_megatron.model.mor_token import MoRTokenChoice
+
+    return [m for m in model.modules() if isinstance(m, (MoRStatePassing, MoRTokenChoice))]
 
 
 def pop_records(models) -> tuple[Tensor, int]:

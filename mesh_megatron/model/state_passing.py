@@ -178,8 +178,9 @@ def build_state_passing(config: ModelConfig) -> nn.Module:
         return SharedMeshStatePassing(config.hidden_size, config.slots, config.mesh_step_embedding)
     if config.is_mor:
         from mesh_megatron.model.mor import MoRStatePassing
+        from mesh_megatron.model.mor_token import MoRTokenChoice
 
-        return MoRStatePassing(config)
+        return MoRTokenChoice(config) if config.is_token_choice else MoRStatePassing(config)
     if config.is_mesh:
         return MeshStatePassing(config.hidden_size, config.slots, layout.loops, config.router_margin)
     if config.variant == "learned":

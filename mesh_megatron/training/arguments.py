@@ -74,17 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "normal in training, zeros in eval; needs --input-injection)")
     m.add_argument("--mor-routing", choices=list(MOR_ROUTINGS), default=None,
                    help="--variant mor (Mixture-of-Recursions): how routers pick each iteration's tokens "
-                        "(default expert-choice: per iteration, the top capacity x seq of the active tokens)")
+                        "(default expert-choice: per iteration, the top capacity x seq of the active tokens; "
+                        "token-choice: one router picks each token's depth, top-1 of a softmax over the K depths)")
     m.add_argument("--mor-capacities", default=None,
                    help="--variant mor: fraction of the sequence each loop iteration processes, one per "
                         "iteration, non-increasing, e.g. 1.0,0.5 (default (K - r) / K)")
     m.add_argument("--mor-alpha", type=float, default=None,
-                   help="--variant mor: gate = alpha * sigmoid(router logit) (default 0.1)")
+                   help="--variant mor: gate = alpha * sigmoid(router logit) (expert choice, default 0.1) or "
+                        "alpha * softmax probability of the chosen depth (token choice, default 1.0)")
     m.add_argument("--mor-aux-weight", type=float, default=None,
                    help="--variant mor: weight of the auxiliary BCE loss (router logits vs top-k membership; "
                         "default 0.001)")
     m.add_argument("--mor-z-loss", type=float, default=None,
                    help="--variant mor: weight of the router z-loss (mean squared logit; default 0 = off)")
+    m.add_argument("--mor-balance-weight", type=float, default=None,
+                   help="--mor-routing token-choice: weight of the Switch balancing loss over the depths "
+                        "(K * sum_j fraction_j * mean prob_j; default 0.01)")
+    m.add_argument("--mor-bias-rate", type=float, default=None,
+                   help="--mor-routing token-choice: loss-free balancing (the paper's alternative): a per-depth "
+                        "bias added to the router's probabilities for the top-1 only, moved by RATE * sign(mean "
+                        "share - share of the depth) after every training forward (default off; combine with "
+                        "--mor-balance-weight 0 for loss-free only)")
     m.add_argument("--mor-kv", choices=list(MOR_KV_MODES), default=None,
                    help="--variant mor: the export's KV cache in generation: recursion (each iteration caches "
                         "its own tokens) or share-first (later iterations reuse iteration 0's keys/values); "

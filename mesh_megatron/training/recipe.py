@@ -38,7 +38,8 @@ NOT_RECIPE = {"help", "config", "load", "print_config", "local_rank", "deepspeed
 FIELD_FLAGS = ("mesh_slots", "mesh_router_init", "mesh_router_margin", "mesh_routers", "mesh_step_embedding",
                "input_injection", "state_init", "seq_length", "hidden_dropout", "attention_dropout",
                "lora_rank", "lora_alpha", "lora_targets", "relax_biases", "relax_norms",
-               "mor_routing", "mor_capacities", "mor_alpha", "mor_aux_weight", "mor_z_loss", "mor_kv")
+               "mor_routing", "mor_capacities", "mor_alpha", "mor_aux_weight", "mor_z_loss", "mor_kv",
+               "mor_balance_weight", "mor_bias_rate")
 MODEL_FLAGS = ("preset", "variant", "layout", *FIELD_FLAGS)
 PRECISIONS = ("fp32", "bf16", "fp16")
 

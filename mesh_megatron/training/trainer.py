@@ -334,13 +334,14 @@ class Trainer:
                 grad_norm = float(grad_norm) if grad_norm is not None else None
                 norm = f"{grad_norm:.3f}" if grad_norm is not None else "-"
                 mfu = f"{100 * thr.mfu:.1f}%" if thr.mfu is not None else "-"
+                aux_name = "balance" if self.cfg.is_token_choice else "bce"  # MoR: token choice / expert choice
                 self.sinks.print(
                     f"iter {self.iteration:>6}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | "
                     f"grad-norm {norm} | tokens/s {thr.tokens_per_s:,.0f} | "
                     f"TFLOP/s/dev {thr.tflops_per_device:.4f} | MFU {mfu} | "
                     f"mem {peak_memory_gib():.2f} GiB | {elapsed / window_iters:.3f} s/it"
                     + (f" | skipped {skipped}" if skipped else "")
-                    + (f" | mor bce {self.step.mor[0]:.4f} z {self.step.mor[1]:.3g}" if self.step.mor else "")
+                    + (f" | mor {aux_name} {self.step.mor[0]:.4f} z {self.step.mor[1]:.3g}" if self.step.mor else "")
                     + (" | warm-up (first window after start)" if warmup else ""))
                 self.sinks.scalars(self.iteration, {"train/loss": loss, "train/lr": lr,
                                                     "train/grad_norm": grad_norm,
@@ -348,7 +349,7 @@ class Trainer:
                                                     "perf/tflops_per_device": thr.tflops_per_device,
                                                     "perf/mfu": thr.mfu, "perf/warmup": float(warmup),
                                                     **({"perf/flops_per_token": executed_fpt} if rec_on else {}),
-                                                    **({"train/mor_bce": self.step.mor[0],
+                                                    **({f"train/mor_{aux_name}": self.step.mor[0],
                                                         "train/mor_z_loss": self.step.mor[1]}
                                                        if self.step.mor else {})})
             if t.eval_interval and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):

@@ -54,9 +54,11 @@ def merged_params(save_dir, tp: int, pp: int, variant: str = "mesh", layout=None
 # automatic split puts prelude and core on stage 0, only h crosses), and the auxiliary loss arises
 # on stage 0, not the last, so it reaches backward only through MoEAuxLossAutoScaler.
 MOR = ["--variant", "mor", "--mor-capacities", "1,0.5", "--mor-aux-weight", "0.1", "--mor-z-loss", "0.01"]
+# token choice (model/mor_token.py): its balancing loss arises on stage 0 too, the same path
+MOR_TC = ["--variant", "mor", "--mor-routing", "token-choice", "--mor-balance-weight", "0.1", "--mor-z-loss", "0.01"]
 
 
-@pytest.mark.parametrize("variant", ["vanilla", "mor", "anchor_emb", "mesh"])
+@pytest.mark.parametrize("variant", ["vanilla", "mor", "mor-tc", "anchor_emb", "mesh"])
 def test_pp2_equals_pp1(tmp_path, variant):
     """Losses, weights and the gradient norm of every step (clipping on: the losses alone
     cannot see a gradient scale, see assert_grad_norms_close). Measured on vanilla, gradients
@@ -74,7 +76,7 @@ def test_pp2_equals_pp1(tmp_path, variant):
     # from stage 0, from a noise start drawn on stage 1, where the adapter lives.
     rec = ["--recurrence-sampling", "poisson-lognormal", "--mean-recurrence", "2", "--backprop-depth", "1",
            "--input-injection", "concat-adapter", "--state-init", "noise"] if variant == "anchor_emb" else []
-    model = MOR if variant == "mor" else ["--variant", variant]
+    model = {"mor": MOR, "mor-tc": MOR_TC}.get(variant, ["--variant", variant])
     one, save1, _ = run(tmp_path, "pp1", 1, model + rec)
     two, save2, out = run(tmp_path, "pp2", 2, model + ["--pipeline-model-parallel-size", "2"] + split + rec)
     assert "stage 1:" in out[0]
@@ -83,11 +85,12 @@ def test_pp2_equals_pp1(tmp_path, variant):
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5, (one, two)
     assert_grad_norms_close(tmp_path / "pp1.jsonl", tmp_path / "pp2.jsonl")
-    if variant == "mor":  # the auxiliary losses, logged from stage 0, are the one process's
+    if variant.startswith("mor"):  # the auxiliary losses, logged from stage 0, are the one process's
         assert "core (" in next(line for line in out[0].splitlines() if "stage 0:" in line)
-        for key in ("train/mor_bce", "train/mor_z_loss"):
+        for key in ("train/mor_bce" if variant == "mor" else "train/mor_balance", "train/mor_z_loss"):
             a, b = logged(tmp_path / "pp1.jsonl", key), logged(tmp_path / "pp2.jsonl", key)
             assert len(a) == 3 and a[0] > 0 and max(abs(x - y) / x for x, y in zip(a, b)) <= 1e-5, (key, a, b)
+    variant = variant.removesuffix("-tc")
     p1, p2 = merged_params(save1, 1, 1, variant), merged_params(save2, 1, 2, variant)
     assert p1.keys() == p2.keys()
     for k in p1:

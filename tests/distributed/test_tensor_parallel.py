@@ -47,6 +47,14 @@ def test_tp2_matches_tp1(variant, tmp_path):
         norm = lambda r: torch.stack([g.norm() for g in r["grads"].values()]).norm()  # noqa: E731
         assert abs(norm(tp2) - norm(ref)) <= 1e-5 * norm(ref)
         assert all(ref["grads"][f"block.state_passing.routers.{r}.weight"].abs().sum() > 0 for r in (0, 1))
+        # and token-choice MoR (balancing loss + z-loss): the same depths, padded recursions, losses, gradients
+        ref = torch.load(tmp_path / "result_mor-tc_tp1.pt")
+        tp2 = _compare(tmp_path, "mor-tc")
+        assert tp2["index_spread"] == 0 and torch.equal(tp2["depth"], ref["depth"])
+        assert 0 < int(ref["depth"].sum()) < ref["depth"].numel()  # both depths occur
+        assert torch.allclose(tp2["aux"], ref["aux"], rtol=1e-6) and ref["aux"][0] > 1
+        assert abs(norm(tp2) - norm(ref)) <= 1e-5 * norm(ref)
+        assert ref["grads"]["block.state_passing.router.weight"].abs().sum() > 0
 
 
 def _compare(tmp_path, variant):

@@ -24,6 +24,9 @@ MOR = dict(mor_capacities="1,0.5", mor_aux_weight=0.1, mor_z_loss=0.01)
 # base's launch also runs Huginn's loop (model/injection.py): the core reads A [h_t; e] from a
 # truncated-normal start drawn in training (zeros in eval), with the random recurrence below.
 NOISE = dict(input_injection="concat-adapter", state_init="noise")
+# mesh's launch also runs token-choice MoR (model/mor_token.py): a depth per token, balancing loss and z-loss weighted
+# so their gradients show; the router's weights scaled so both depths occur.
+MOR_TC = dict(mor_routing="token-choice", mor_balance_weight=0.1, mor_z_loss=0.01)
 
 
 def main(variant: str, out_dir: str, backend: str = "auto") -> None:
@@ -40,6 +43,7 @@ def main(variant: str, out_dir: str, backend: str = "auto") -> None:
         runs.append(("base+noise", preset("tiny", "base", seq_length=32, **NOISE)))
     if variant == "mesh" and backend == "auto":
         runs.append(("mor", preset("tiny", "mor", seq_length=32, **MOR)))
+        runs.append(("mor-tc", preset("tiny", "mor", seq_length=32, **MOR_TC)))
     for name, cfg in runs:
         _run(name, cfg, parallel, world, out_dir, backend)
     destroy()
@@ -54,6 +58,9 @@ def _run(name, cfg, parallel, world, out_dir, backend) -> None:
                          execution=ExecutionConfig(attention_backend=backend))
     full_path = os.path.join(out_dir, f"full_{name}.pt")
     if world == 1:
+        if cfg.is_token_choice:
+            with torch.no_grad():
+                model.block.state_passing.router.weight.mul_(20.0)
         if cfg.is_relaxed or cfg.state_init == "noise":
             with torch.no_grad():
                 gen = torch.Generator().manual_seed(3)
@@ -95,7 +102,8 @@ def _run(name, cfg, parallel, world, out_dir, backend) -> None:
         hi, lo = index.clone(), index.clone()
         torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
         torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=parallel_state.get_tensor_model_parallel_group())
-        extra = {"aux": sp.records[-1], "index": index, "index_spread": (hi - lo).abs().max()}
+        extra = {"aux": sp.records[-1], "index": index, "index_spread": (hi - lo).abs().max(),
+                 **({"depth": sp.routing.depth} if cfg.is_token_choice else {})}
     grads = gather_state({n: p.grad for n, p in model.named_parameters()}, model, tp_group)
     # replicated parameters (norms, routers, A of column / B of row adapters): every rank must
     # hold the same full gradient, with no reduction after backward

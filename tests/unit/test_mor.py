@@ -177,11 +177,17 @@ def test_without_aux_loss_routers_learn_only_through_the_gate(megatron_single, m
     assert all(g.abs().sum() == 0 for g in grads)
 
 
-def test_recompute_loop_equals_none(megatron_single):
+@pytest.mark.parametrize("routing", ["expert-choice", "token-choice"])
+def test_recompute_loop_equals_none(megatron_single, routing):
     out = []
     for mode in ("none", "loop"):
-        model = build(mor_capacities="1,0.5", mor_z_loss=0.01, execution=ExecutionConfig(recompute=mode))
-        spread_routers(model)
+        if routing == "token-choice":  # (model/mor_token.py: padded recursions, balancing loss)
+            model = build(mor_routing=routing, mor_balance_weight=0.1, mor_z_loss=0.01,
+                          execution=ExecutionConfig(recompute=mode))
+            spread_depth_router(model)
+        else:
+            model = build(mor_capacities="1,0.5", mor_z_loss=0.01, execution=ExecutionConfig(recompute=mode))
+            spread_routers(model)
         set_seed(5)
         AuxLossScale.set(1.0)
         inputs, labels = tokens()
@@ -373,3 +379,247 @@ def test_probe_reports_kept_fraction_and_router_scores(exported, tmp_path):
     agree = (passing == capture.mor[1][1])[kept0].double().mean().item()
     assert mor["agreement"][1] == pytest.approx(agree, abs=1e-12) and 0 < agree < 1
     assert all(abs(sum(row) - 1) < 1e-12 and len(row) == 10 for row in mor["score_histogram"])
+
+
+# -----------------------------------------------------------------------------
+# Token choice (model/mor_token.py): one router, a depth per token
+
+
+def build_tc(layout="1+1R3+1", seed=11, **overrides):
+    return build(layout, seed, mor_routing="token-choice", **overrides)
+
+
+@torch.no_grad()
+def spread_depth_router(model, seed=4, scale=3.0):
+    """A token-choice router whose depths differ clearly between tokens."""
+    router = model.block.state_passing.router
+    gen = torch.Generator().manual_seed(seed)
+    router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * scale / router.weight.shape[1] ** 0.5)
+
+
+def per_sequence_tc_logits(model, inputs):
+    """Each sequence alone, unpadded: at recursion r its tokens with depth >= r as one short sequence
+    (own rotary rows); h_{r+1} = f(h_r) while going on, h_0 + g f(h_r) at the last one."""
+    block, sp = model.block, model.block.state_passing
+    rot = model.rotary_pos_emb(inputs.shape[1])
+    h0 = block._run(block.prelude.values(), model.embed(inputs), rot, None)
+    routing = sp.route(h0)
+    cols = []
+    for b in range(inputs.shape[0]):
+        h, d = h0[:, b:b + 1].clone(), routing.depth[:, b]
+        for t in range(block.loops):
+            idx = torch.nonzero(d >= t).flatten()
+            if idx.numel():
+                y = block._run(block.core, h[idx], rot[idx], None, t)
+                last = (d[idx] == t)[:, None, None]
+                h[idx] = torch.where(last, h0[idx, b:b + 1] + routing.gate[idx, b:b + 1, None] * y, y)
+        cols.append(h)
+    return head(model, block._run(block.coda.values(), torch.cat(cols, dim=1), rot, None))
+
+
+@torch.no_grad()
+def test_token_choice_runs_each_token_through_its_depth(megatron_single):
+    """Recursion r runs exactly the tokens routed to depth >= r, in causal order (each sequence
+    padded at its end to the batch's largest count); the batch equals each sequence run alone."""
+    model = build_tc()
+    spread_depth_router(model)
+    seen = []
+    model.block.core[0].register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    inputs, _ = tokens()
+    logits = model(inputs)
+    sp = model.block.state_passing
+    depth = sp.routing.depth  # [s, b]
+    assert sorted(set(depth.flatten().tolist())) == [0, 1, 2]  # all three depths occur
+    counts = [(depth >= r).sum(0).tolist() for r in range(3)]
+    assert counts[1] != [counts[1][0]] * BATCH  # the sequences differ: padding is exercised
+    assert seen == [(max(c), BATCH, 64) for c in counts]
+    for r, rec in enumerate(sp.last):
+        assert rec.valid.sum(0).tolist() == counts[r]
+        for b in range(BATCH):
+            n = counts[r][b]
+            assert torch.equal(rec.index[:n, b], torch.nonzero(depth[:, b] >= r).flatten())  # causal order
+            assert not rec.valid[n:, b].any()
+    # the gate is the chosen depth's probability
+    assert torch.equal(sp.routing.gate, sp.routing.probs.gather(-1, depth[..., None]).squeeze(-1))
+    ref = per_sequence_tc_logits(model, inputs)
+    assert (logits - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@torch.no_grad()
+def test_token_choice_forced_to_the_last_depth_is_the_plain_recursion(megatron_single):
+    """Every token routed to depth K with gate 1 (router weight 0, bias -50 / +50, alpha 1): the plain
+    recursion h_{r+1} = f(h_r), then h_0 + 1 * h_K, exactly. Ties go to the shallower depth."""
+    model = build_tc("1+2R2+1", mor_alpha=1.0)
+    router = model.block.state_passing.router
+    router.weight.zero_()
+    router.bias.copy_(torch.tensor([-50.0, 50.0]))
+    inputs, _ = tokens()
+    block = model.block
+    rot = model.rotary_pos_emb(inputs.shape[1])
+    h0 = block._run(block.prelude.values(), model.embed(inputs), rot, None)
+    h = h0
+    for t in range(block.loops):
+        h = block._run(block.core, h, rot, None, t)
+    want = head(model, block._run(block.coda.values(), h0 + h, rot, None))
+    assert torch.equal(model(inputs), want)
+    assert bool((model.block.state_passing.routing.gate == 1).all())
+    router.bias.zero_()  # a tie everywhere: depth 1 (the first maximum) for every token, gate alpha / K
+    other = model(inputs)
+    assert bool((model.block.state_passing.routing.depth == 0).all()) and not torch.allclose(other, want)
+
+
+def test_token_choice_balance_loss_is_logged_and_reaches_the_router(megatron_single):
+    """The record is [balance, z] of this forward; grad(weight w) - grad(weight 0) == w * grad(L_bal),
+    L_bal = K * sum_j frac_j * P_j recomputed from the router and the same depths."""
+    inputs, labels = tokens()
+    w = 0.5
+    grads, recs = [], []
+    for weight in (0.0, w):
+        model = build_tc("1+2R2+1", mor_balance_weight=weight, mor_z_loss=0.0)
+        spread_depth_router(model, scale=1.0)
+        AuxLossScale.set(1.0)
+        model.train()
+        model(inputs, labels=labels).mean().backward()
+        sp = model.block.state_passing
+        recs.append(sp.records.pop())
+        grads.append(sp.router.weight.grad.clone())
+    states = {}
+    model.zero_grad()
+    model(inputs, observe=lambda name, h: states.__setitem__(name, h))
+    sp.records.clear()
+    probs = torch.softmax(sp.router(states["h0"]).float(), -1)
+    depth = sp.routing.depth
+    frac = torch.stack([(depth == j).double().mean() for j in range(2)]).float()
+    bal = 2 * (frac * probs.mean((0, 1))).sum()
+    assert 0 < frac[0] < 1 and bal.item() > 1.0  # both depths used, not balanced
+    assert torch.allclose(recs[1][0], bal.detach(), rtol=1e-6) and torch.equal(recs[0], recs[1])
+    z = (torch.logsumexp(sp.router(states["h0"]).float(), -1) ** 2).mean()
+    assert torch.allclose(recs[1][1], z.detach(), rtol=1e-6)
+    gb = torch.autograd.grad(bal, sp.router.weight)[0]
+    assert gb.abs().sum() > 0 and grads[0].abs().sum() > 0  # the gate trains it too
+    assert torch.allclose(grads[1] - grads[0], w * gb, rtol=1e-4, atol=1e-9 * float(gb.abs().max()))
+
+
+def test_token_choice_loss_free_bias(megatron_single):
+    """Loss-free balancing: the top-1 reads p + b (the gate stays p_d); a training forward moves b by
+    exactly rate * sign(mean share - share_j) of its own depths, an eval forward not at all; b is a
+    checkpointed buffer, not a parameter."""
+    model = build_tc("1+2R2+1", mor_bias_rate=0.01, mor_balance_weight=0.0)
+    spread_depth_router(model, scale=1.0)
+    sp = model.block.state_passing
+    assert "block.state_passing.depth_bias" in model.state_dict()
+    assert all("depth_bias" not in n for n, _ in model.named_parameters())
+    inputs, labels = tokens()
+    with torch.no_grad():
+        model.eval()
+        model(inputs)
+        plain = sp.routing.depth.clone()
+        sp.depth_bias.copy_(torch.tensor([0.0, 0.05]))
+        model(inputs)
+    r = sp.routing
+    assert torch.equal(r.depth, (r.probs + sp.depth_bias).argmax(-1)) and not torch.equal(r.depth, plain)
+    assert torch.equal(r.gate, r.probs.gather(-1, r.depth[..., None]).squeeze(-1))
+    assert torch.equal(sp.depth_bias, torch.tensor([0.0, 0.05]))  # eval: unchanged
+    model.train()
+    AuxLossScale.set(1.0)
+    model(inputs, labels=labels).mean().backward()
+    share = torch.stack([(sp.routing.depth == j).float().mean() for j in range(2)])
+    assert share[0] != share[1]
+    assert torch.equal(sp.depth_bias, torch.tensor([0.0, 0.05]) + 0.01 * torch.sign(share.mean() - share))
+
+
+def test_token_choice_flags_and_flops(megatron_single, capsys):
+    import json
+
+    from mesh_megatron.model.accounting import processed_fractions, training_flops_per_token
+    from tools.model_summary import main
+
+    with pytest.raises(ConfigError, match="--mor-capacities/--mor-aux-weight with --mor-routing token-choice"):
+        validate(preset("tiny", "mor", mor_routing="token-choice", mor_capacities="1,0.5"))
+    with pytest.raises(ConfigError, match="--mor-capacities/--mor-aux-weight with --mor-routing token-choice"):
+        validate(preset("tiny", "mor", mor_routing="token-choice", mor_aux_weight=0.1))
+    with pytest.raises(ConfigError, match="--mor-balance-weight/--mor-bias-rate with --mor-routing expert-choice"):
+        validate(preset("tiny", "mor", mor_balance_weight=0.1))
+    with pytest.raises(ConfigError, match="--mor-balance-weight/--mor-bias-rate with --mor-routing expert-choice"):
+        validate(preset("tiny", "mor", mor_bias_rate=0.01))
+    with pytest.raises(ConfigError, match="mor_bias_rate=0.0 must be positive"):
+        validate(preset("tiny", "mor", mor_routing="token-choice", mor_bias_rate=0.0))
+    with pytest.raises(ConfigError, match="mor_balance_weight=-1.0 must be non-negative"):
+        validate(preset("tiny", "mor", mor_routing="token-choice", mor_balance_weight=-1.0))
+    with pytest.raises(ConfigError, match="no MoR routers"):
+        validate(preset("tiny", "base", mor_balance_weight=0.1))
+    tc = preset("tiny", "mor", mor_routing="token-choice")
+    assert (tc.gate_alpha, tc.balance_weight, preset("tiny", "mor").gate_alpha) == (1.0, 0.01, 0.1)
+    # FLOPs at the expected depths of a uniform router, (K - r) / K: for K = 2 expert choice's default count
+    assert processed_fractions(preset("tiny", "mor", "1+1R3+1", mor_routing="token-choice")) == (1.0, 2 / 3, 1 / 3)
+    assert training_flops_per_token(tc) == training_flops_per_token(preset("tiny", "mor")) == 3_490_560
+    assert main(["--variant", "mor", "--mor-routing", "token-choice", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["flops_per_token"] == 3_490_560 and out["router"] == 2 * (64 + 1)  # Linear(h -> K)
+    assert out["mor_routing"] == "token-choice"
+
+
+@pytest.fixture
+def exported_tc(megatron_single, tmp_path):
+    """A token-choice MoR training model (K = 2, a spread router), saved as training does and exported."""
+    from test_export import save_like_training
+
+    from mesh_megatron.conversion.to_hf import export_to_hf
+
+    cfg = preset("tiny", "mor", seq_length=32, mor_routing="token-choice", mor_bias_rate=0.01)
+    model = MeshGPTModel(cfg, to_transformer_config(cfg), init_seed=3).eval()
+    spread_depth_router(model)
+    with torch.no_grad():  # loss-free balancing's bias, as training would have moved it
+        model.block.state_passing.depth_bias.copy_(torch.tensor([0.0, 0.1]))
+    save_like_training(tmp_path / "ckpt", cfg, model.state_dict())
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False)
+    return model, tmp_path / "hf"
+
+
+def test_export_token_choice_routes_as_training(exported_tc):
+    """Config mirror and key map; the export's depths are training's and its full-sequence logits equal
+    training's (to 1e-5); cached decoding equals the full sequence for both KV modes, generate() too."""
+    import json
+
+    model, path = exported_tc
+    config = json.loads((path / "config.json").read_text())
+    assert (config["mor_routing"], config["mor_capacities"], config["mor_alpha"], config["mor_bias_rate"]) == \
+        ("token-choice", None, 1.0, 0.01)
+    hf = load(path)
+    assert torch.equal(hf.gpt_neox.mor.router.weight, model.block.state_passing.router.weight)
+    assert torch.equal(hf.gpt_neox.mor.depth_bias, torch.tensor([0.0, 0.1]))
+    ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)
+        got = hf(ids).logits
+    assert torch.equal(hf.gpt_neox.mor.depth, model.block.state_passing.routing.depth.t())
+    assert 0 < int(hf.gpt_neox.mor.depth.sum()) < ids.numel()  # both depths occur
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+    with pytest.raises(ValueError, match="token-choice routing is causal"):
+        hf(ids, mor_inference="top-k")
+    for kv in ("recursion", "share-first"):
+        hf = hf if kv == "recursion" else load(path, mor_kv=kv)
+        with torch.no_grad():
+            full = hf(ids[:, :20]).logits
+            out = hf(ids[:, :12], use_cache=True)
+            cache, steps = out.cache, [out.logits]
+            for i in range(12, 20):
+                out = hf(ids[:, i:i + 1], cache=cache, use_cache=True)
+                cache = out.cache
+                steps.append(out.logits)
+            assert ((torch.cat(steps, 1) - full).abs().max() / full.abs().max()).item() <= 1e-5, kv
+            lengths = [layer.get_seq_length() for layer in cache.layers]
+            assert lengths == ([20, 20, 20, 0, 0, 20] if kv == "share-first" else [20] * 6), lengths
+            cached = hf.generate(ids[:1, :7], max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True)
+            uncached = hf.generate(ids[:1, :7], max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False)
+        assert cached.shape == (1, 13) and torch.equal(cached, uncached), kv
+        if kv == "share-first":  # the KV mode matters
+            assert not torch.allclose(full, want[:, :20], rtol=1e-3)
+    # and back: the import reads routing and router
+    from mesh_megatron.checkpoint.reader import open_checkpoint
+    from mesh_megatron.conversion.from_hf import import_from_hf
+
+    import_from_hf(str(path), str(path.parent / "back"))
+    back = open_checkpoint(str(path.parent / "back")).model
+    assert (back.mor_routing, back.mor_capacities, back.gate_alpha, back.mor_bias_rate) == \
+        ("token-choice", None, 1.0, 0.01)
