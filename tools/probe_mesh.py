@@ -13,6 +13,8 @@ at the depths of --layout), averaged over sequences:
   state RMS                       sqrt(mean over tokens and channels of h^2) of each state
   MeSH routers                    mean write / read weight per step and slot
   MoR routers (key mor)           per recursion: kept fraction, score > 0.5 fraction, agreement, score histogram
+                                  (token choice: processed fraction per recursion, tokens and mean router
+                                  probability per depth, histogram of the chosen depth's probability)
 Writes DIR/probe.json (keys states, relative_update, cka, spectrum, state_rms, routers, ...)
 and relative_update.png, cka.png, spectrum.png, state_rms.png, routers.png (MeSH).
 
@@ -97,7 +99,12 @@ def main(argv=None) -> int:
         r = result["routers"]
         print("mean read weight per step (slots 0..B-1): " + "; ".join(
             f"{s}: " + " ".join(f"{w:.2f}" for w in row) for s, row in zip(r["steps"], r["read"])))
-    if result.get("mor"):
+    if result.get("mor") and result["mor"]["routing"] == "token-choice":
+        m = result["mor"]
+        print("MoR (token choice) per recursion: processed " + ", ".join(f"{f:.3f}" for f in m["kept_fraction"])
+              + " | tokens per depth " + ", ".join(f"{f:.3f}" for f in m["depth_fraction"])
+              + " | mean router probability per depth " + ", ".join(f"{f:.3f}" for f in m["mean_probability"]))
+    elif result.get("mor"):
         m = result["mor"]
         print("MoR per recursion: kept " + ", ".join(f"{f:.3f}" for f in m["kept_fraction"])
               + " | router score > 0.5 among active " + ", ".join(f"{f:.3f}" for f in m["threshold_fraction"])

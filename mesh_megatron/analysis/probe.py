@@ -238,6 +238,11 @@ class _Accumulator:
         # 10-bin histogram of sigmoid(router logit) over the active tokens
         self.mor_counts = None
         self.mor_hist = None
+        # token-choice MoR: tokens per chosen depth [K], summed router probabilities [K], and a 10-bin
+        # histogram of the chosen depth's probability p_d (the gate is alpha * p_d)
+        self.depth_counts = None
+        self.depth_prob_sum = None
+        self.depth_hist = None
 
     def add(self, capture) -> None:
         states = [x.float() for x in capture.states]  # [b, s, h] each
@@ -263,6 +268,18 @@ class _Accumulator:
             counts, hist = torch.tensor(counts, dtype=torch.float64), torch.stack(hist).double()
             self.mor_counts = counts if self.mor_counts is None else self.mor_counts + counts
             self.mor_hist = hist if self.mor_hist is None else self.mor_hist + hist
+        if capture.mor_depth:
+            depth, probs = (x.cpu() for x in capture.mor_depth)
+            K = probs.shape[-1]
+            counts = torch.bincount(depth.flatten(), minlength=K).double()
+            prob_sum = probs.double().flatten(0, 1).sum(0)
+            hist = torch.histc(probs.double().gather(-1, depth[..., None]).flatten(), bins=10, min=0.0, max=1.0)
+            if self.depth_counts is None:
+                self.depth_counts, self.depth_prob_sum, self.depth_hist = counts, prob_sum, hist
+            else:
+                self.depth_counts += counts
+                self.depth_prob_sum += prob_sum
+                self.depth_hist += hist
         if capture.write:
             # router outputs [b, s, B] per step -> summed over tokens
             self.write_sum += torch.stack([w.double().sum(dim=(0, 1)).cpu() for w in capture.write])
@@ -297,10 +314,17 @@ class _Accumulator:
         """Per recursion: fraction of all tokens processed (training's top-k), fraction of the active ones
         whose score passes 0.5 (what causal generation would process) and agreement of the two, and the
         distribution of the router score sigmoid(logit) over the active tokens (10 bins over [0, 1])."""
+        if self.depth_counts is not None:  # token choice: recursion r processes the tokens of depth >= r
+            tokens = self.depth_counts.sum()
+            share = self.depth_counts / tokens
+            return {"routing": "token-choice", "recursions": [f"loop {t}" for t in range(1, len(share) + 1)],
+                    "kept_fraction": share.flip(0).cumsum(0).flip(0).tolist(), "depth_fraction": share.tolist(),
+                    "mean_probability": (self.depth_prob_sum / tokens).tolist(),
+                    "chosen_probability_histogram": (self.depth_hist / self.depth_hist.sum()).tolist()}
         if self.mor_counts is None:
             return None
         kept, active, tokens, passing, agree = self.mor_counts.unbind(-1)
-        return {"recursions": [f"loop {t}" for t in range(1, len(kept) + 1)],
+        return {"routing": "expert-choice", "recursions": [f"loop {t}" for t in range(1, len(kept) + 1)],
                 "kept_fraction": (kept / tokens).tolist(), "active_fraction": (active / tokens).tolist(),
                 "threshold_fraction": (passing / active).tolist(), "agreement": (agree / active).tolist(),
                 "score_histogram": (self.mor_hist / self.mor_hist.sum(-1, keepdim=True)).tolist()}

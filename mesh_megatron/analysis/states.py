@@ -36,6 +36,8 @@ class Capture:
     # MoR: per recursion (router logits, processed, active), each [b, s], of the full-sequence forward
     # (training's top-k routing); empty for other variants
     mor: tuple = ()
+    # token-choice MoR: (depth [b, s] 0-based, router probabilities [b, s, K]) of the full-sequence forward
+    mor_depth: tuple = ()
 
 
 class StateReader:
@@ -112,8 +114,12 @@ class StateReader:
             finally:
                 for h in hooks:
                     h.remove()
-            mor = tuple(base.mor.last) if getattr(base, "mor", None) is not None else ()
-            return Capture([hidden[i] for i in self._pick], write, read, mor)
+            mor, depth = (), ()
+            if getattr(base, "mor", None) is not None:
+                mor = tuple(base.mor.last)
+                if base.mor.router is not None:  # token choice
+                    depth = (base.mor.depth, base.mor.probs)
+            return Capture([hidden[i] for i in self._pick], write, read, mor, depth)
 
         outputs: list[Tensor] = []
 

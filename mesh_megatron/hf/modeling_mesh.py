@@ -309,6 +309,7 @@ class MoRRouters(nn.Module):
             self.depth_bias = None
         self.last = []  # the last forward's (logits, processed, active) [batch, seq] per recursion (the probe's)
         self.depth = None  # token choice: the last forward's depths [batch, seq] (0-based)
+        self.probs = None  # token choice: the last forward's router probabilities [batch, seq, K] (the probe's)
 
     def capacities(self, config):
         if config.mor_capacities is not None:
@@ -378,7 +379,7 @@ def mor_token_choice_loop(model, h, run, attention_mask, cache, past, states):
     depth = (probs if mor.depth_bias is None else probs + mor.depth_bias).argmax(dim=-1)  # ties: shallower
     gate = cfg.mor_alpha * probs.gather(-1, depth[..., None])
     h0, selected = h, []
-    mor.last, mor.depth = [], depth
+    mor.last, mor.depth, mor.probs = [], depth, probs.detach()
     for t in range(cfg.num_loops):
         chosen = depth >= t
         selected.append(chosen)

@@ -623,3 +623,33 @@ def test_export_token_choice_routes_as_training(exported_tc):
     back = open_checkpoint(str(path.parent / "back")).model
     assert (back.mor_routing, back.mor_capacities, back.gate_alpha, back.mor_bias_rate) == \
         ("token-choice", None, 1.0, 0.01)
+
+
+def test_probe_reports_token_choice_depths(exported_tc):
+    """Token choice: recursion r's processed fraction is the share of tokens of depth >= r, counted from
+    the export's depths (which equal training's: test above); the mean router probability per depth is
+    the softmax of the router on h0, averaged; the chosen-probability histogram covers every token."""
+    from mesh_megatron.analysis.probe import ProbeSettings, _Accumulator
+    from mesh_megatron.analysis.states import StateReader
+
+    _, path = exported_tc
+    hf = load(path)
+    reader = StateReader(hf)
+    ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(4))
+    capture = reader(ids)
+    acc = _Accumulator(reader, ProbeSettings())
+    acc.add(capture)
+    acc.add(capture)  # two batches accumulate into the same shares
+    mor = acc.result()["mor"]
+    depth = hf.gpt_neox.mor.depth
+    assert mor["routing"] == "token-choice" and mor["recursions"] == ["loop 1", "loop 2"]
+    deep = (depth == 1).double().mean().item()
+    assert 0 < deep < 1
+    assert mor["kept_fraction"] == pytest.approx([1.0, deep], abs=1e-12)
+    assert mor["depth_fraction"] == pytest.approx([1 - deep, deep], abs=1e-12)
+    with torch.no_grad():
+        probs = torch.softmax(hf.gpt_neox.mor.router(capture.states[1]).double(), dim=-1)  # the router reads h0
+    assert mor["mean_probability"] == pytest.approx(probs.mean((0, 1)).tolist(), abs=1e-6)
+    chosen = probs.gather(-1, depth[..., None].to(capture.states[1].device)).flatten()  # p_d (argmax of p + bias)
+    want = torch.histc(chosen, bins=10, min=0.0, max=1.0)
+    assert mor["chosen_probability_histogram"] == pytest.approx((want / want.sum()).tolist(), abs=1e-12)
