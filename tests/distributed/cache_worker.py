@@ -10,7 +10,10 @@
                                                file it writes (who built which cache: each
                                                node's local rank 0, never a waiting rank), and
                                                "[rank R] cut: ..." when it cuts a step at a
-                                               micro-batch boundary (the cut reached it)
+                                               micro-batch boundary (the cut reached it), and
+                                               "[rank R] megatron-core gloo groups: ..." once
+                                               its groups are built (none: gloo need not reach
+                                               across nodes for groups nothing uses)
 """
 
 import hashlib
@@ -34,8 +37,15 @@ def samples_digest(cache: str) -> str:
     return digest.hexdigest()
 
 
+GLOO_GROUPS = ("_DATA_PARALLEL_GROUP_GLOO", "_DATA_PARALLEL_GROUP_WITH_CP_GLOO", "_EXPERT_DATA_PARALLEL_GROUP_GLOO",
+               "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO", "_INTRA_PARTIAL_EXPERT_DATA_PARALLEL_GROUP_GLOO")
+
+
 def observed_pretrain(argv: list[str]) -> int:
+    from megatron.core import parallel_state
+
     from mesh_megatron.data import cache
+    from mesh_megatron.parallel import initialize
     from mesh_megatron.training import preemption
     from mesh_megatron.training.run import main
 
@@ -55,7 +65,16 @@ def observed_pretrain(argv: list[str]) -> int:
         print(f"[rank {rank()}] cut: {line}", file=sys.stderr, flush=True)
         return line
 
+    initialize_distributed = initialize.initialize_distributed
+
+    def observed_initialize(*args, **kwargs):
+        out = initialize_distributed(*args, **kwargs)
+        built = [name for name in GLOO_GROUPS if getattr(parallel_state, name, None) is not None]
+        print(f"[rank {rank()}] megatron-core gloo groups: {', '.join(built) or 'none'}", file=sys.stderr, flush=True)
+        return out
+
     cache._temporary_name = observed_name
+    initialize.initialize_distributed = observed_initialize
     preemption.Preemption.describe_cut = observed_cut
     return main(argv)
 

@@ -122,7 +122,7 @@ def test_srun_ranks_per_node_caches_data_path_preemption_and_resume(tmp_path):
     local rank 0 builds its index caches under its HOME while its local rank 1 waits; --save on
     shared storage; steps of 4 micro-batches per rank (ZeRO-2 reduces at each). Every rank runs
     pretrain_mesh.py's main through cache_worker.py --pretrain, which prints which cache files
-    the rank wrote and whether it cut a step.
+    the rank wrote, whether it cut a step, and which megatron-core gloo groups it built (none).
 
       reference   3 steps uninterrupted, saved at the end; --preempt-grace-seconds 0.001, which
                   no save meets: the save warns (and every micro-batch boundary is checked from
@@ -155,6 +155,8 @@ def test_srun_ranks_per_node_caches_data_path_preemption_and_resume(tmp_path):
                                   "--preempt-grace-seconds", "0.001"], "reference")
     assert rcs == [0] * 4, outs
     assert "grad-accum 4 x data-parallel 4" in outs[0], outs[0]  # one run of 4 ranks, not four runs of 1
+    for r, out in enumerate(outs):  # nothing uses megatron-core's gloo twins: gloo need not span the nodes
+        assert f"[rank {r}] megatron-core gloo groups: none" in out, out
     assert outs[0].count("warning: this save took") == 1 and "more than --preempt-grace-seconds 0.001" in outs[0]
     reference = losses_and_norms(tmp_path / "ref.jsonl")
     assert [step for step, _, _ in reference] == [1, 2, 3]
