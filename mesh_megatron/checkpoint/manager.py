@@ -56,7 +56,8 @@ _TAG_RE = re.compile(r"^iter_(\d{7})$")
 #   kill_torn_tokenizer    the tokenizer copy is half written
 #   kill_before_latest     the tag is complete (marker removed), `latest` not yet moved
 # and, outside saves (training/preemption.py): sigterm_after_step:I (after step I) and
-# sigterm_in_step:I.J (during step I, once micro-batch J of it is done; plain steps only), and
+# sigterm_in_step:I.J (during step I, once micro-batch J of it is done; plain steps only),
+# sigterm_launcher_in_step:I.J (the same moment, SIGTERM to the rank's parent: its launcher), and
 # slow_micro_batch:SECONDS (every rank sleeps that long after each micro-batch of a step but
 # its last: a step as long as a real model's, on a tiny one).
 FAULT_ENV = "MESH_MEGATRON_FAULT"
@@ -69,6 +70,12 @@ def fault(point: str, iteration) -> None:
         name, it, *rank = spec.split(":")
         if _ALIASES.get(name, name) == point and it == str(iteration) \
                 and int(rank[0] if rank else 0) == dist.get_rank():
+            if point == "sigterm_launcher_in_step":
+                # as a scheduler preempts a node: SIGTERM to this rank's launcher (torchrun's agent),
+                # which forwards it to its ranks; wait for that to land before the step goes on
+                os.kill(os.getppid(), signal.SIGTERM)
+                time.sleep(1.0)
+                return
             os.kill(os.getpid(), signal.SIGTERM if point.startswith("sigterm") else signal.SIGKILL)
 
 

@@ -99,6 +99,7 @@ class Preemption:
         def check(done: int) -> bool:
             time.sleep(slow)  # test hooks: a long step, SIGTERM at micro-batch DONE
             fault("sigterm_in_step", f"{iteration + 1}.{done}")
+            fault("sigterm_launcher_in_step", f"{iteration + 1}.{done}")
             if not self.plan.checks_at(done, accum):
                 return False
             age = self._agreed(_max_over_ranks([self._signal_age()])[0])  # the earliest signal of any rank
