@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # After methods_point.sh: export each trained model and measure its loss at inference depths
 # 1..2K (K = 2) on held-out docstring data (the validation split, 969,30,1 as in training:
-# documents never trained on; 512 samples of 128 tokens = 65,024 predicted tokens).
+# documents never trained on; 512 samples of 128 tokens = 65,536 predicted tokens).
 # A model that refuses a depth (per-step MeSH routers exist for K + 1 steps; MoR has one router
 # and capacity per recursion) is measured depth by depth and the refusal recorded.
 set -uo pipefail
