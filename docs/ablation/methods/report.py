@@ -92,7 +92,7 @@ def main() -> None:
                       "executed_flops_per_token_logged": ex, "logged_steps": n, "points": pts}
         lines.append(f"| {a} | {FLOPS[a]:,} | {end['tokens']:,} | {total:.3e} | {mid['valid_loss']:.4f} "
                      f"(at {mid['tokens']:,} tok) | {end['valid_loss']:.4f} | {cs[a]['seconds']:.0f} |")
-    logged = [f"{a}: {summary[a]['executed_flops_per_token_logged']:,.0f} over {summary[a]['logged_steps']} logged steps"
+    logged = [f"{a}: {summary[a]['executed_flops_per_token_logged']:,.0f} over {summary[a]['logged_steps']} logged 10-step windows"
               for a in ARMS if summary[a]["executed_flops_per_token_logged"]]
     if logged:
         lines += ["", "Executed train FLOPs/token recorded in the training logs (perf/flops_per_token, mean): "
