@@ -139,3 +139,25 @@ def test_targets_pick_the_wrapped_linears(megatron_single):
     m = build("base", lora_rank=2, lora_targets="dense")
     names = [n for n, _ in m.named_parameters() if "lora" in n or "delta" in n]
     assert names == [f"block.core.{c}.self_attention.linear_proj.lora_{x}" for c in (0, 1) for x in "AB"]
+
+
+def test_bf16_adapters_stay_bf16_and_fresh_ones_are_exact(megatron_single):
+    """A bf16 model (DeepSpeed's --bf16 casts the module): fresh adapters still add exact
+    zeros, so it is the bf16 plain recursion to the bit; random ones compute in bf16 (no
+    upcast of the core's activations) and every adapter and delta gets a finite, nonzero bf16
+    gradient in each iteration."""
+    plain, relaxed = build("mesh").to(torch.bfloat16), build("mesh", **RELAX).to(torch.bfloat16)
+    inputs, labels = tokens()
+    with torch.no_grad():
+        assert torch.equal(relaxed(inputs), plain(inputs))
+    randomize_adapters(relaxed)
+    seen = []
+    for name, module in relaxed.named_modules():
+        if hasattr(module, "relaxation"):
+            module.register_forward_hook(lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).dtype))
+    relaxed(inputs, labels=labels).float().mean().backward()
+    assert len(seen) == 2 * 2 * 6 and set(seen) == {torch.bfloat16}  # K x C x (4 linears + 2 norms)
+    for name, p in relaxed.named_parameters():
+        if name.endswith((".lora_A", ".lora_B", "_delta")):
+            assert p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
+            assert all(p.grad[t].abs().sum() > 0 for t in range(2)), name
