@@ -12,7 +12,7 @@ from mesh_megatron.config import ADDITIVE_SUPPLEMENTS, ConfigError, ExecutionCon
 from mesh_megatron.parallel.initialize import set_seed
 
 SEQ, BATCH = 16, 2
-LOOPED = (*ADDITIVE_SUPPLEMENTS, "learned", "mesh")  # every variant with a shared core
+LOOPED = (*ADDITIVE_SUPPLEMENTS, "learned", "mesh", "mor")  # every variant with a shared core
 RELAX = dict(lora_rank=4, relax_biases=True, relax_norms=True)
 
 
