@@ -114,7 +114,8 @@ def test_pp2_equals_pp1(tmp_path, variant):
         from mesh_megatron.checkpoint.reader import open_checkpoint, read_model_state
         from mesh_megatron.conversion.key_map import training_to_hf
 
-        hf = [training_to_hf(read_model_state(ckpt), ckpt.model) for ckpt in map(open_checkpoint, (str(save1), str(save2)))]
+        ckpts = [open_checkpoint(str(save)) for save in (save1, save2)]
+        hf = [training_to_hf(read_model_state(ckpt), ckpt.model) for ckpt in ckpts]
         assert hf[0].keys() == hf[1].keys() and sum(map(is_relaxation, hf[1])) == 32
         assert all((hf[0][k] - hf[1][k]).abs().max() <= 1e-5 for k in hf[0])
 

@@ -133,7 +133,8 @@ def test_pp2_resharded_to_pp1_continues_the_run(tmp_path):
     from mesh_megatron.checkpoint.reader import open_checkpoint
     from mesh_megatron.checkpoint.reshard import _merge_data_parallel, optimizer_files
 
-    stages = [set(_merge_data_parallel(f)[0]) for _, f in sorted(optimizer_files(open_checkpoint(str(save), 5)).items())]
+    files = sorted(optimizer_files(open_checkpoint(str(save), 5)).items())
+    stages = [set(_merge_data_parallel(f)[0]) for _, f in files]
     relaxed = [{n for n in names if n.endswith((".lora_A", ".lora_B", "_delta"))} for names in stages]
     assert not relaxed[0] and len(relaxed[1]) == 32 and all(n.startswith("block.core.") for n in relaxed[1])
     out = convert(save, tmp_path / "pp1_ckpt", "--pipeline-model-parallel-size", "1")
