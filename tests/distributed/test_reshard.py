@@ -1,5 +1,5 @@
 """Resharding keeps the whole training state: a run saved on one layout continues on another
-(fewer or more TP ranks, fewer PP and data-parallel ranks) with the losses of the run that never stopped."""
+(fewer TP ranks, fewer data-parallel ranks) with the losses of the run that never stopped."""
 
 import json
 import os
@@ -125,9 +125,7 @@ def test_zero2_two_ranks_resharded_to_one_rank(tmp_path):
 def test_pp2_resharded_to_pp1_continues_the_run(tmp_path):
     """Pipeline stages merge with their optimizer: the 1,5 split puts the looped core (and the
     MeSH routers, fed h_emb across the boundary, and the core's per-loop adapters) on stage 1,
-    prelude and embeddings on stage 0. The target is PP=1 x TP=2: DeepSpeed's universal loader
-    slices every split tensor, the adapters' masters and moments included, by the recorded
-    cat_dim (B of column-parallel layers by rows, A of row-parallel ones by columns)."""
+    prelude and embeddings on stage 0."""
     zero1 = ["--ds_config", "examples/zero1.json", "--variant", "mesh"] + RELAXED
     straight, save, _ = train(tmp_path, "pp2", 2, COMMON + zero1 + ["--pipeline-model-parallel-size", "2",
                                                                      "--pipeline-split", "1,5"])
@@ -139,15 +137,10 @@ def test_pp2_resharded_to_pp1_continues_the_run(tmp_path):
     stages = [set(_merge_data_parallel(f)[0]) for _, f in files]
     relaxed = [{n for n in names if n.endswith((".lora_A", ".lora_B", "_delta"))} for names in stages]
     assert not relaxed[0] and len(relaxed[1]) == 32 and all(n.startswith("block.core.") for n in relaxed[1])
-    tp2 = ["--tensor-model-parallel-size", "2"]
-    out = convert(save, tmp_path / "pp1_ckpt", "--pipeline-model-parallel-size", "1", *tp2)
+    out = convert(save, tmp_path / "pp1_ckpt", "--pipeline-model-parallel-size", "1")
     assert "optimizer, LR schedule, data position and RNG at iteration 5" in out
     recorded = json.load(open(tmp_path / "pp1_ckpt" / "iter_0000005" / "mesh_config.json"))["recipe"]["parallel"]
     assert (recorded["pipeline_model_parallel_size"], recorded["pipeline_split"]) == (1, None)
-    module = torch.load(tmp_path / "pp1_ckpt" / "iter_0000005" / "mp_rank_01_model_states.pt",
-                        weights_only=False)["module"]
-    assert module["block.core.0.self_attention.linear_qkv.lora_B"].shape == (2, 96, 4)  # [K, 3h / 2, r]
-    assert module["block.core.0.mlp.linear_fc2.lora_A"].shape == (2, 4, 128)  # [K, r, ffn / 2]
-    resumed = continue_from(tmp_path, "pp1", tmp_path / "pp1_ckpt", 2, zero1 + tp2, "pp2")
+    resumed = continue_from(tmp_path, "pp1", tmp_path / "pp1_ckpt", 1, zero1, "pp2")
     assert len(straight) == 10 and len(resumed) == 5
     assert max(abs(a - b) for a, b in zip(straight[5:], resumed)) <= 1e-5, (straight[5:], resumed)
