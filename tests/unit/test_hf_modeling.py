@@ -434,3 +434,16 @@ def test_early_exit_threshold_zero_is_the_full_computation():
     assert all(torch.isfinite(x).all() for x in eager.logits)
     assert all(layer.get_seq_length() == 7 + 7 for layer in eager.cache.layers)
     assert not all(torch.equal(a, b) for a, b in zip(eager.logits, full.logits))
+    # an exited token's later iterations repeat its last computed entry: the 7 decoded tokens' keys
+    # and values at iterations 3..6 of each core layer are iteration 2's (entry P + t C + j); the
+    # prompt's forward does not exit, so there they differ
+    P, C = model.config.num_prelude_layers, model.config.num_core_layers
+    layers = eager.cache.layers
+    for j in range(C):
+        second = layers[P + C + j]
+        assert not torch.equal(layers[P + j].keys[..., 7:, :], second.keys[..., 7:, :])
+        for t in range(2, 6):
+            later = layers[P + t * C + j]
+            assert torch.equal(later.keys[..., 7:, :], second.keys[..., 7:, :]), (t, j)
+            assert torch.equal(later.values[..., 7:, :], second.values[..., 7:, :]), (t, j)
+            assert not torch.equal(later.keys[..., :7, :], second.keys[..., :7, :]), (t, j)
