@@ -30,7 +30,7 @@ forward of all n, backward of the last g = min(n, k) (flops_per_token, step_flop
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import nn
 
@@ -97,15 +97,19 @@ def delta_params(config: ModelConfig) -> int:
     return layout.loops * layout.core * per_layer
 
 
-def processed_fractions(config: ModelConfig, seq_length: Optional[int] = None) -> tuple[float, ...]:
+def processed_fractions(config: ModelConfig, seq_length: Optional[int] = None,
+                        measured: Optional[Sequence[float]] = None) -> tuple[float, ...]:
     """Per loop iteration, the fraction of the tokens the core processes: k_r / s under MoR
     (k_r = max(1, int(capacity_r * s)), as model/mor.py keeps), 1 otherwise. Token choice
-    (model/mor_token.py): the expectation at uniform depths, (K - r) / K; the routed counts move
-    with training, and a batch's padding (to its longest sequence) is not counted."""
+    (model/mor_token.py): `measured`, what a step's recursions ran on (the training log passes the
+    step's, padding included), else the expectation at uniform depths, (K - r) / K (a router at
+    init; the routed counts move with training)."""
     layout = config.parsed_layout
     if not config.is_mor:
         return (1.0,) * layout.loops
-    if config.is_token_choice:  # expected at uniform depths (a router at init): (K - r) / K run recursion r
+    if config.is_token_choice:
+        if measured is not None:
+            return tuple(float(x) for x in measured)
         return tuple((layout.loops - r) / layout.loops for r in range(layout.loops))
     from mesh_megatron.model.mor import keep_count
 
@@ -113,24 +117,25 @@ def processed_fractions(config: ModelConfig, seq_length: Optional[int] = None) -
     return tuple(keep_count(c, seq) / seq for c in config.capacities)
 
 
-def effective_depths(config: ModelConfig, seq_length: Optional[int] = None) -> tuple[float, float]:
+def effective_depths(config: ModelConfig, seq_length: Optional[int] = None,
+                     measured: Optional[Sequence[float]] = None) -> tuple[float, float]:
     """(layers per token for the matmuls, for attention): P + C*K + Q without MoR."""
     layout = config.parsed_layout
     if not config.is_mor:
         return float(config.compute_depth), float(config.compute_depth)
-    f = processed_fractions(config, seq_length)
+    f = processed_fractions(config, seq_length, measured)
     outer = layout.prelude + layout.coda
     return outer + layout.core * sum(f), outer + layout.core * sum(x * x for x in f)
 
 
 def applied_matmul_params(config: ModelConfig, tensor_parallel_size: int = 1,
-                          seq_length: Optional[int] = None) -> float:
+                          seq_length: Optional[int] = None, measured: Optional[Sequence[float]] = None) -> float:
     """Matrix-multiply weights counted once per application (N_applied), per token."""
     h = config.hidden_size
-    layers = effective_depths(config, seq_length)[0] * 12 * h * h
+    layers = effective_depths(config, seq_length, measured)[0] * 12 * h * h
     loops = config.parsed_layout.loops
     routers = (loops + 1) * 2 * h * config.slots if config.is_mesh else loops * h if config.is_mor else 0
-    f = processed_fractions(config, seq_length)
+    f = processed_fractions(config, seq_length, measured)
     adapters = sum(f) * adapter_params_per_position(config)
     applied = layers + routers + adapters + h * config.padded_vocab_size(tensor_parallel_size)
     return int(applied) if applied == int(applied) else applied
@@ -168,11 +173,12 @@ def flops_per_token(config: ModelConfig, seq_length: Optional[int] = None, tenso
 
 
 def training_flops_per_token(config: ModelConfig, seq_length: Optional[int] = None,
-                             tensor_parallel_size: int = 1) -> int:
-    """Forward + backward FLOPs per token, PaLM-style, no credit for causal masking."""
+                             tensor_parallel_size: int = 1, measured: Optional[Sequence[float]] = None) -> int:
+    """Forward + backward FLOPs per token, PaLM-style, no credit for causal masking. `measured`:
+    token choice's processed fractions as a step ran them (processed_fractions)."""
     seq = seq_length or config.seq_length
-    attention = 12 * effective_depths(config, seq)[1] * config.hidden_size * seq
-    return round(6 * applied_matmul_params(config, tensor_parallel_size, seq) + attention)
+    attention = 12 * effective_depths(config, seq, measured)[1] * config.hidden_size * seq
+    return round(6 * applied_matmul_params(config, tensor_parallel_size, seq, measured) + attention)
 
 
 def expected_flops_per_token(config: ModelConfig, recurrence, seq_length: Optional[int] = None,

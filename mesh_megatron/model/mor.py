@@ -170,7 +170,7 @@ def mor_modules(model: nn.Module) -> list[nn.Module]:
 
 def pop_records(models) -> tuple[Tensor, int]:
     """The [bce, z] sum (float64, on the records' device: no host sync) and count of the training
-    forwards since the last call (logging)."""
+    forwards since the last call (logging); token choice's records also carry what each recursion ran on."""
     total, count = None, 0
     for model in models:
         for m in mor_modules(model):

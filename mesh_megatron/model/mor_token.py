@@ -101,7 +101,7 @@ class MoRTokenChoice(nn.Module):
             self.register_buffer("depth_bias", torch.zeros(self.loops))
         self.routing: Optional[DepthRouting] = None  # the last forward's, detached (tests)
         self.last: list[Recursion] = []  # per recursion, the positions it ran on
-        self.records: list[Tensor] = []  # training forwards' [balance, z], for the log
+        self.records: list[Tensor] = []  # training forwards' [balance, z, k_0 / s, .., k_{K-1} / s], for the log
 
     def route(self, h0: Tensor) -> DepthRouting:
         logits = self.router(h0).float()
@@ -153,7 +153,11 @@ class MoRTokenChoice(nn.Module):
             if self.bias_rate is not None:
                 self.update_bias(routing.depth)
             losses = torch.stack([balance_loss(routing), z_loss(routing)])
-            self.records.append(losses.detach())
+            # and what the core ran on: per recursion the gathered length k_r (padding included:
+            # it is computed) over s, for the log's FLOPs (model/accounting.py processed_fractions)
+            seq = routing.depth.shape[0]
+            ran = torch.tensor([rec.index.shape[0] / seq for rec in self.last], device=losses.device)
+            self.records.append(torch.cat([losses.detach(), ran.to(losses.dtype)]))
             loss = self.balance_weight * losses[0] + self.z_weight * losses[1]
             if torch.is_grad_enabled() and loss.requires_grad:
                 h = attach_aux_loss(h, loss.to(h.dtype))

@@ -56,15 +56,21 @@ class _Step:
         # Mixture-of-Recursions: the last step's auxiliary losses (bce, z), means over the
         # micro-batches of the ranks holding the routers; None without MoR.
         self.mor: tuple[float, float] | None = None
+        # token choice (set to K by the trainer): the last step's mean fraction of the sequence each
+        # recursion's core ran on, as measured (model/mor_token.py records it); None otherwise
+        self.mor_depths = 0
+        self.mor_processed: tuple[float, ...] | None = None
 
     def _mor_stats(self, models) -> list[torch.Tensor]:
         """[bce sum, z sum, forwards] of this rank's MoR modules since the last step (zeros on ranks
         without routers): they ride in the step's one all-reduce."""
         total, count = pop_records(models)
-        return [total[0], total[1], torch.tensor(float(count), dtype=torch.float64)]
+        ran = [total[2 + r] if total.numel() > 2 + r else total.new_zeros(()) for r in range(self.mor_depths)]
+        return [total[0], total[1], torch.tensor(float(count), dtype=torch.float64), *ran]
 
-    def _set_mor(self, bce: float, z: float, count: float) -> None:
+    def _set_mor(self, bce: float, z: float, count: float, *ran: float) -> None:
         self.mor = (bce / count, z / count) if count else None
+        self.mor_processed = tuple(x / count for x in ran) if count and ran else None
 
     def _zero(self) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float64, device=self.device)

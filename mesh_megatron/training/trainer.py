@@ -165,6 +165,8 @@ class Trainer:
                 micro_batch_size=self.train.micro_batch_size)
         else:
             self.step = PlainStep(self.engine, self.train.nan_policy, self.sinks.print)
+        if self.cfg.is_token_choice:  # the log's FLOPs count what each recursion ran on, step by step
+            self.step.mor_depths = self.cfg.parsed_layout.loops
         self._valid_batches = None
         self._saves_timed = 0
         self.iteration = 0
@@ -317,8 +319,12 @@ class Trainer:
                 break
             loss, skipped = out
             step_s = time.monotonic() - started
-            window_flops += step_flops_per_token(self.cfg, self.run.recurrence, self.iteration - 1, accum, seq, tp) \
-                if rec_on else self.flops_per_token
+            if rec_on:
+                window_flops += step_flops_per_token(self.cfg, self.run.recurrence, self.iteration - 1, accum, seq, tp)
+            elif self.step.mor_processed is not None:  # token choice: as routed this step
+                window_flops += training_flops_per_token(self.cfg, seq, tp, measured=self.step.mor_processed)
+            else:
+                window_flops += self.flops_per_token
             self.sinks.scalars(self.iteration, {"train/step_loss": loss})
             history.setdefault("loss_first", loss)
             history["loss_last"] = loss
@@ -342,13 +348,16 @@ class Trainer:
                     f"mem {peak_memory_gib():.2f} GiB | {elapsed / window_iters:.3f} s/it"
                     + (f" | skipped {skipped}" if skipped else "")
                     + (f" | mor {aux_name} {self.step.mor[0]:.4f} z {self.step.mor[1]:.3g}" if self.step.mor else "")
+                    + (" processed " + "/".join(f"{f:.3f}" for f in self.step.mor_processed)
+                       if self.step.mor_processed else "")
                     + (" | warm-up (first window after start)" if warmup else ""))
                 self.sinks.scalars(self.iteration, {"train/loss": loss, "train/lr": lr,
                                                     "train/grad_norm": grad_norm,
                                                     "perf/tokens_per_s": thr.tokens_per_s,
                                                     "perf/tflops_per_device": thr.tflops_per_device,
                                                     "perf/mfu": thr.mfu, "perf/warmup": float(warmup),
-                                                    **({"perf/flops_per_token": executed_fpt} if rec_on else {}),
+                                                    **({"perf/flops_per_token": executed_fpt}
+                                                       if rec_on or self.step.mor_processed else {}),
                                                     **({f"train/mor_{aux_name}": self.step.mor[0],
                                                         "train/mor_z_loss": self.step.mor[1]}
                                                        if self.step.mor else {})})

@@ -104,6 +104,14 @@ def test_pp2_equals_pp1(tmp_path, variant):
         for key in ("train/mor_bce" if variant == "mor" else "train/mor_balance", "train/mor_z_loss"):
             a, b = logged(tmp_path / "pp1.jsonl", key), logged(tmp_path / "pp2.jsonl", key)
             assert len(a) == 3 and a[0] > 0 and max(abs(x - y) / x for x, y in zip(a, b)) <= 1e-5, (key, a, b)
+    if variant == "mor-tc":  # FLOPs count what each recursion ran on, measured on the core's stage and
+        # reduced to every rank with the step's statistics: PP=2 logs PP=1's, not the uniform estimate
+        f1, f2 = logged(tmp_path / "pp1.jsonl", "perf/flops_per_token"), logged(tmp_path / "pp2.jsonl", "perf/flops_per_token")
+        assert len(f1) == 3 and max(abs(a - b) / a for a, b in zip(f1, f2)) <= 1e-12, (f1, f2)
+        assert f"train FLOPs/token" in out[0] and " processed 1.000/" in out[0], out[0]
+        estimate = int(next(line for line in out[0].splitlines() if "train FLOPs/token" in line)
+                       .split(" train FLOPs/token")[0].rsplit(" ", 1)[1].replace(",", ""))
+        assert len(set(f1)) > 1 and any(f != estimate for f in f1), (f1, estimate)  # as routed, step by step
     variant = variant.removesuffix("-tc")
     p1, p2 = merged_params(save1, 1, 1, variant), merged_params(save2, 1, 2, variant)
     assert p1.keys() == p2.keys()

@@ -6,6 +6,7 @@ each sequence's kept tokens alone; a dropped token never comes back; the auxilia
 the routers through MoEAuxLossAutoScaler with exactly its weight, and without it the routers
 learn only through the gate."""
 
+import dataclasses
 import pytest
 import torch
 
@@ -443,6 +444,32 @@ def test_token_choice_runs_each_token_through_its_depth(megatron_single):
     assert torch.equal(sp.routing.gate, sp.routing.probs.gather(-1, depth[..., None]).squeeze(-1))
     ref = per_sequence_tc_logits(model, inputs)
     assert (logits - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_token_choice_records_what_each_recursion_ran_on(megatron_single):
+    """A training forward records, after [balance, z], k_r / s per recursion: the gathered length
+    the core ran on (the batch's largest count, padding included: it is computed), which the
+    training log's FLOPs use (accounting.processed_fractions(measured=...)); the FLOPs at those
+    fractions are the FLOPs of a capacity run with the same k_r."""
+    from mesh_megatron.model.accounting import training_flops_per_token
+    from mesh_megatron.model.mor import pop_records
+
+    model = build_tc().train()
+    spread_depth_router(model)
+    inputs, _ = tokens()
+    model(inputs)
+    depth = model.block.state_passing.routing.depth  # [s, b]
+    total, count = pop_records([model])
+    assert count == 1 and total.numel() == 2 + 3
+    ran = [max((depth >= r).sum(0).tolist()) / depth.shape[0] for r in range(3)]
+    assert total[2:].tolist() == pytest.approx(ran, abs=1e-7) and ran[0] == 1.0 and ran[2] < ran[1] < 1
+    cfg = model.model_config
+    estimate = training_flops_per_token(cfg)  # uniform depths: 1, 2/3, 1/3
+    measured = training_flops_per_token(cfg, measured=ran)
+    seq = cfg.seq_length
+    as_capacities = training_flops_per_token(dataclasses.replace(cfg, mor_routing="expert-choice",
+                                                                 mor_capacities=",".join(f"{k:g}" for k in ran)), seq)
+    assert measured == as_capacities != estimate
 
 
 @torch.no_grad()
