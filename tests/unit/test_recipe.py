@@ -17,6 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml")))
 
 
+@pytest.fixture(autouse=True)
+def _at_the_repository_root(monkeypatch):
+    """The shipped recipes name their ds_config relative to the repository root, where users run
+    them (and `make test` runs pytest): run these tests there wherever pytest was started."""
+    monkeypatch.chdir(ROOT)
+
+
 def print_config(argv, capsys) -> dict:
     with pytest.raises(SystemExit) as stop:
         arguments.parse(argv + ["--print-config"], world_size=1)
