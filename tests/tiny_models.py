@@ -19,3 +19,14 @@ def tokens(seed=0, seq=16, batch=2):
     """(inputs, labels) [batch, seq], labels the inputs shifted by one."""
     t = torch.randint(0, 4096, (batch, seq + 1), generator=torch.Generator().manual_seed(seed))
     return t[:, :-1], t[:, 1:]
+
+
+def train_step(model, inputs, labels, seed=5):
+    """(loss, {name: grad}) of one training-mode forward/backward from a fixed RNG (dropout)."""
+    from mesh_megatron.parallel.initialize import set_seed
+
+    set_seed(seed)
+    model.train()
+    loss = model(inputs, labels=labels).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -22,15 +22,12 @@ def tokens(seed=0, seq=SEQ):
 
 def run(model, seed=5):
     """(logits, loss, {name: grad}) of one training-mode forward/backward from a fixed RNG."""
-    set_seed(seed)
     inputs, labels = tokens()
-    model.train()
-    loss = model(inputs, labels=labels).mean()
-    loss.backward()
+    loss, grads = tiny_models.train_step(model, inputs, labels, seed)
     with torch.no_grad():
         model.eval()
         logits = model(inputs)
-    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return logits, loss, grads
 
 
 def assert_close(a, b, rel):

@@ -357,20 +357,27 @@ def test_export_cached_equals_uncached(exported, kv):
         hf(ids, num_loops=3)
 
 
-def test_probe_reports_kept_fraction_and_router_scores(exported, tmp_path):
-    """Kept fraction per recursion is training's k_r / s exactly; the threshold fraction and agreement
-    are counted over the active tokens, and equal a direct count from the routers' logits."""
+def probe_export(path, batches=1):
+    """(the loaded export, the capture of one random batch, the probe's `mor` report over `batches`
+    copies of that batch)."""
     from mesh_megatron.analysis.probe import ProbeSettings, _Accumulator
     from mesh_megatron.analysis.states import StateReader
 
-    model, path = exported
     hf = load(path)
     reader = StateReader(hf)
     ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(4))
     capture = reader(ids)
     acc = _Accumulator(reader, ProbeSettings())
-    acc.add(capture)
-    mor = acc.result()["mor"]
+    for _ in range(batches):
+        acc.add(capture)
+    return hf, capture, acc.result()["mor"]
+
+
+def test_probe_reports_kept_fraction_and_router_scores(exported, tmp_path):
+    """Kept fraction per recursion is training's k_r / s exactly; the threshold fraction and agreement
+    are counted over the active tokens, and equal a direct count from the routers' logits."""
+    model, path = exported
+    hf, capture, mor = probe_export(path)
     assert mor["kept_fraction"] == [1.0, 0.5] and mor["active_fraction"] == [1.0, 1.0]
     logits = [r[0] for r in capture.mor]
     assert torch.equal(logits[0], hf.gpt_neox.mor.routers[0](capture.states[1]))  # router 0 reads h0
@@ -656,18 +663,8 @@ def test_probe_reports_token_choice_depths(exported_tc):
     """Token choice: recursion r's processed fraction is the share of tokens of depth >= r, counted from
     the export's depths (which equal training's: test above); the mean router probability per depth is
     the softmax of the router on h0, averaged; the chosen-probability histogram covers every token."""
-    from mesh_megatron.analysis.probe import ProbeSettings, _Accumulator
-    from mesh_megatron.analysis.states import StateReader
-
     _, path = exported_tc
-    hf = load(path)
-    reader = StateReader(hf)
-    ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(4))
-    capture = reader(ids)
-    acc = _Accumulator(reader, ProbeSettings())
-    acc.add(capture)
-    acc.add(capture)  # two batches accumulate into the same shares
-    mor = acc.result()["mor"]
+    hf, capture, mor = probe_export(path, batches=2)  # two batches accumulate into the same shares
     depth = hf.gpt_neox.mor.depth
     assert mor["routing"] == "token-choice" and mor["recursions"] == ["loop 1", "loop 2"]
     deep = (depth == 1).double().mean().item()

@@ -93,12 +93,7 @@ def test_adapters_equal_unrolled_merged_weights(megatron_single):
 
 
 def run(model, seed=5):
-    set_seed(seed)
-    inputs, labels = tokens()
-    model.train()
-    loss = model(inputs, labels=labels).mean()
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return tiny_models.train_step(model, *tokens(), seed)
 
 
 @pytest.mark.parametrize("variant", ["base", "mesh"])
